@@ -1,0 +1,277 @@
+"""Output values: the desired dataplane state as plain, deterministic data.
+
+The compiler builds these; the dataplane renders and applies them; ``explain``
+walks them packet by packet. Rules are structured (not strings) so they can be
+evaluated, and render to one canonical iptables text each. Every rule we write
+carries a first comment ``pa:<hash>`` where the hash chains over the chain
+name and every preceding rule (as felix does), so read-back compares hashes,
+never re-parsed text.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterable, Mapping
+
+from policy_agent.shared.naming import RULE_HASH_LEN, RULE_HASH_PREFIX
+
+FAMILIES = (4, 6)
+FILTER = "filter"
+
+_COMMENT_UNSAFE = re.compile(r"[^\w @%+=:,./-]")
+COMMENT_MAX = 256
+
+
+def safe_comment(text: str) -> str:
+    """Comments end up in iptables-restore input: keep them to a safe alphabet."""
+    return _COMMENT_UNSAFE.sub("_", text)[:COMMENT_MAX]
+
+
+@dataclass(frozen=True)
+class Match:
+    """Conditions of one rule; all must hold. Unset fields match anything."""
+
+    in_iface: str | None = None  # exact name or "<prefix>+"
+    out_iface: str | None = None
+    protocol: str | None = None  # "tcp" | "udp" | "sctp" | "icmp" | "ipv6-icmp"
+    src_net: str | None = None  # CIDR text, e.g. "10.0.0.5/32"
+    src_net_negate: bool = False
+    dst_net: str | None = None
+    dst_net_negate: bool = False
+    src_set: str | None = None  # hash:net set matched on the source address
+    src_set_negate: bool = False
+    dst_set: str | None = None  # hash:net set matched on the destination address
+    dst_set_negate: bool = False
+    dst_ipport_set: str | None = None  # hash:ip,port set matched on (dst addr, proto:dst port)
+    dst_ports: tuple[tuple[int, int], ...] = ()  # inclusive ranges; needs protocol
+    ctstate: tuple[str, ...] = ()  # e.g. ("RELATED", "ESTABLISHED")
+    mark: tuple[int, int] | None = None  # (value, mask): fwmark & mask == value
+    src_addrtype_local: bool = False  # source address is local to the node
+
+    def render(self) -> list[str]:
+        out: list[str] = []
+        if self.in_iface:
+            out += ["-i", self.in_iface]
+        if self.out_iface:
+            out += ["-o", self.out_iface]
+        if self.protocol:
+            out += ["-p", self.protocol]
+        if self.src_net:
+            out += (["!"] if self.src_net_negate else []) + ["-s", self.src_net]
+        if self.dst_net:
+            out += (["!"] if self.dst_net_negate else []) + ["-d", self.dst_net]
+        if self.src_addrtype_local:
+            out += ["-m", "addrtype", "--src-type", "LOCAL"]
+        if self.ctstate:
+            out += ["-m", "conntrack", "--ctstate", ",".join(self.ctstate)]
+        if self.mark is not None:
+            out += ["-m", "mark", "--mark", f"{self.mark[0]:#x}/{self.mark[1]:#x}"]
+        if self.src_set:
+            out += ["-m", "set"] + (["!"] if self.src_set_negate else []) + ["--match-set", self.src_set, "src"]
+        if self.dst_set:
+            out += ["-m", "set"] + (["!"] if self.dst_set_negate else []) + ["--match-set", self.dst_set, "dst"]
+        if self.dst_ipport_set:
+            out += ["-m", "set", "--match-set", self.dst_ipport_set, "dst,dst"]
+        if self.dst_ports:
+            if not self.protocol:
+                raise ValueError("dst_ports needs a protocol")
+            if len(self.dst_ports) == 1:
+                lo, hi = self.dst_ports[0]
+                out += ["--dport", str(lo) if lo == hi else f"{lo}:{hi}"]
+            else:
+                spec = ",".join(str(lo) if lo == hi else f"{lo}:{hi}" for lo, hi in self.dst_ports)
+                out += ["-m", "multiport", "--dports", spec]
+        return out
+
+
+@dataclass(frozen=True)
+class Action:
+    """verb: ACCEPT | DROP | REJECT | RETURN | JUMP | GOTO | MARK.
+
+    JUMP/GOTO take ``target``; MARK takes ``mark`` = (value, mask) and sets the
+    masked bits to value (iptables --set-xmark semantics restricted to mask).
+    """
+
+    verb: str
+    target: str | None = None
+    mark: tuple[int, int] | None = None
+
+    def render(self) -> list[str]:
+        if self.verb == "JUMP":
+            return ["-j", self.target or ""]
+        if self.verb == "GOTO":
+            return ["-g", self.target or ""]
+        if self.verb == "MARK":
+            assert self.mark is not None
+            return ["-j", "MARK", "--set-xmark", f"{self.mark[0]:#x}/{self.mark[1]:#x}"]
+        if self.verb == "REJECT":
+            return ["-j", "REJECT"]
+        return ["-j", self.verb]
+
+    @property
+    def chain_target(self) -> str | None:
+        return self.target if self.verb in ("JUMP", "GOTO") else None
+
+
+ACCEPT = Action("ACCEPT")
+DROP = Action("DROP")
+RETURN = Action("RETURN")
+
+
+def _quote(token: str) -> str:
+    return f'"{token}"' if (" " in token or not token) else token
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: Match
+    action: Action
+    comment: str = ""  # origin, e.g. "x/allow-web ingress rule 0 peer 1"
+
+    def body(self) -> str:
+        """Everything after the hash comment: human comment, match, action."""
+        parts: list[str] = []
+        if self.comment:
+            parts += ["-m", "comment", "--comment", _quote(safe_comment(self.comment))]
+        parts += self.match.render() + self.action.render()
+        return " ".join(parts)
+
+
+def rule_hashes(chain_name: str, rules: Iterable[Rule]) -> list[str]:
+    """Felix-style chained hashes: each depends on the chain and all earlier rules."""
+    h = hashlib.sha224(chain_name.encode()).digest()
+    out = []
+    for r in rules:
+        h = hashlib.sha224(h + f"-A {chain_name} HASH {r.body()}".encode()).digest()
+        out.append(base64.urlsafe_b64encode(h).decode().rstrip("=")[:RULE_HASH_LEN])
+    return out
+
+
+@dataclass(frozen=True)
+class Chain:
+    name: str
+    rules: tuple[Rule, ...] = ()
+
+    @cached_property
+    def hashes(self) -> tuple[str, ...]:
+        return tuple(rule_hashes(self.name, self.rules))
+
+    def render_lines(self) -> list[str]:
+        """``-A`` lines as iptables-restore takes them, each with its hash comment."""
+        return [
+            f'-A {self.name} -m comment --comment "{RULE_HASH_PREFIX}{h}" {r.body()}'
+            for h, r in zip(self.hashes, self.rules)
+        ]
+
+    @property
+    def references(self) -> frozenset[str]:
+        return frozenset(t for r in self.rules if (t := r.action.chain_target))
+
+    @property
+    def ipsets(self) -> frozenset[str]:
+        out = set()
+        for r in self.rules:
+            m = r.match
+            out.update(s for s in (m.src_set, m.dst_set, m.dst_ipport_set) if s)
+        return frozenset(out)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A jump from a built-in chain to ours, inserted at the top of the built-in chain."""
+
+    table: str
+    chain: str  # INPUT | FORWARD | OUTPUT
+    target: str  # our chain
+
+    @property
+    def rule(self) -> Rule:
+        return Rule(Match(), Action("JUMP", self.target), comment="policy-agent hook")
+
+    def render_line(self) -> str:
+        h = rule_hashes(f"hook:{self.chain}", [self.rule])[0]
+        return f'-I {self.chain} 1 -m comment --comment "{RULE_HASH_PREFIX}{h}" {self.rule.body()}'
+
+
+@dataclass(frozen=True)
+class IPSet:
+    """One ipset. type: "hash:net" | "hash:ip,port"; family 4 -> inet, 6 -> inet6.
+
+    members are in the text form ipset restore takes: "10.0.0.5/32",
+    "10.0.0.0/16", "10.0.1.0/24 nomatch" (hash:net except), "10.0.0.5,tcp:8080".
+    origin says what the set stands for, for dumps ("selector x/app=web", ...).
+    """
+
+    name: str
+    family: int
+    type: str
+    members: frozenset[str] = frozenset()
+    origin: str = ""
+
+    @property
+    def inet(self) -> str:
+        return "inet" if self.family == 4 else "inet6"
+
+
+@dataclass(frozen=True)
+class LocalEndpoint:
+    """A pod on this node as the compiler saw it (for dumps, status files, explain)."""
+
+    namespace: str
+    pod: str
+    interface: str
+    ips: tuple[str, ...]
+    ingress_policies: tuple[str, ...] = ()  # "ns/name", sorted; empty = not isolated
+    egress_policies: tuple[str, ...] = ()
+    ingress_isolated: bool = False
+    egress_isolated: bool = False
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """chains[(family, table)] -> {name: Chain}; hooks apply to both families."""
+
+    chains: Mapping[tuple[int, str], Mapping[str, Chain]] = field(default_factory=dict)
+    hooks: tuple[Hook, ...] = ()
+    ipsets: Mapping[str, IPSet] = field(default_factory=dict)
+    endpoints: tuple[LocalEndpoint, ...] = ()
+
+    def table(self, family: int, table: str = FILTER) -> Mapping[str, Chain]:
+        return self.chains.get((family, table), {})
+
+    def ipsets_of(self, family: int) -> list[IPSet]:
+        return [s for _, s in sorted(self.ipsets.items()) if s.family == family]
+
+
+def render_iptables_save(state: DesiredState, family: int) -> str:
+    """iptables-restore --noflush input for one family: all our chains, then hooks."""
+    out: list[str] = []
+    tables = sorted({t for (f, t) in state.chains if f == family} | {h.table for h in state.hooks})
+    for table in tables:
+        chains = state.table(family, table)
+        out.append(f"*{table}")
+        for name in sorted(chains):
+            out.append(f":{name} - [0:0]")
+        for name in sorted(chains):
+            out.extend(chains[name].render_lines())
+        for hook in sorted((h for h in state.hooks if h.table == table), key=lambda h: (h.chain, h.target)):
+            out.append(hook.render_line())
+        out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def render_ipset_restore(state: DesiredState, maxelem: int = 1048576) -> str:
+    """ipset restore input that creates and fills every desired set (both families)."""
+    out: list[str] = []
+    for name in sorted(state.ipsets):
+        s = state.ipsets[name]
+        if s.origin:
+            out.append(f"# {name}: {s.origin}")
+        out.append(f"create {name} {s.type} family {s.inet} maxelem {maxelem} -exist")
+        for m in sorted(s.members):
+            out.append(f"add {name} {m} -exist")
+    return "\n".join(out) + ("\n" if out else "")
