@@ -58,18 +58,23 @@ trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
 log "fetching source package into $WORK"
 apt-get source -qq --download-only kubernetes >/dev/null
-dpkg-source -x --skip-debianization ./kubernetes_*.dsc src >/dev/null 2>&1 \
-    || dpkg-source -x ./kubernetes_*.dsc src >/dev/null
+# Full extraction: Debian's patches (debian/patches/series) are applied.
+dpkg-source -x ./kubernetes_*.dsc src >/dev/null
 cd src
+ver="$(dpkg-parsechangelog -S Version)"
+case "$ver" in
+    *"$KUBE_VERSION"*) ;;
+    *) log "source package version $ver does not carry $KUBE_VERSION"; exit 1 ;;
+esac
+log "source package $ver in $(pwd)"
 
-got="$(sed -n 's/^.*gitVersion=v\{0,1\}\([0-9.]*\).*/\1/p' debian/rules 2>/dev/null | head -1 || true)"
-log "source tree: $(pwd) (debian/rules version: ${got:-unknown})"
-
-export GOFLAGS=-mod=vendor GOPROXY=off GO111MODULE=on GOTOOLCHAIN=local
-export GOCACHE="$WORK/gocache" GOPATH="$WORK/gopath"
-# Debian's build stamps the version through KUBE_GIT_* (there is no .git in the tarball).
-export KUBE_GIT_VERSION="v$KUBE_VERSION" KUBE_GIT_TREE_STATE=clean \
-    KUBE_GIT_COMMIT=debian KUBE_GIT_MAJOR=1 KUBE_GIT_MINOR="$(echo "$KUBE_VERSION" | cut -d. -f2)"
+# As debian/rules does: GOPATH in the tree, CGO off, `make WHAT=...`. The tree
+# vendors every module (vendor/), and the build runs in GOPATH mode from
+# _output/local/go, so nothing is downloaded; GOPROXY=off makes sure of it.
+export GOPATH="$PWD/.go" CGO_ENABLED=0 GOPROXY=off GOTOOLCHAIN=local HOME="$WORK/home"
+export GOCACHE="$WORK/gocache" PATH="/usr/lib/go/bin:$PATH"
+mkdir -p .go/src/k8s.io "$HOME"
+[ -L .go/src/k8s.io/kubernetes ] || ln -s ../../.. .go/src/k8s.io/kubernetes
 log "building kube-apiserver and kubectl with $(go version)"
 make WHAT="cmd/kube-apiserver cmd/kubectl" >"$WORK/build.log" 2>&1 || {
     tail -50 "$WORK/build.log" >&2

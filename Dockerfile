@@ -1,0 +1,48 @@
+# policy-agent image: the agent (`policy-agent`), the CNI node daemon (`vpcip-ipamd`)
+# and the CNI installer (`python -m cni_shim.install`), which builds the stdlib-only
+# `vpcip-cni` executable for the host from the same sources.
+#
+#   docker build -t registry.example.com/policy-agent:0.1.0 .
+#
+# The base is pinned by its full tag (a Python patch release on Debian 12); both stages
+# use the same one, so the virtualenv's interpreter path is valid in the final stage.
+
+# --- build: compile the wheels that need a compiler (python-iptables' libxtwrapper) ---
+FROM python:3.11.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.cfg README.md ./
+COPY policy_agent ./policy_agent
+COPY cni_shim ./cni_shim
+# A venv without pip: the image carries the project and its runtime dependencies only
+# (no pip, no setuptools, no test extras).
+RUN python -m venv --without-pip /opt/policy-agent \
+ && pip --python /opt/policy-agent/bin/python install --no-compile . \
+ && find /opt/policy-agent -name '__pycache__' -prune -exec rm -rf {} +
+
+# --- runtime ------------------------------------------------------------------------
+FROM python:3.11.11-slim-bookworm
+# iptables (both the nft and the legacy backend: the agent follows the host's),
+# ipset, iproute2. --no-install-recommends keeps out everything else.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables ipset iproute2 \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /opt/policy-agent /opt/policy-agent
+ENV PATH=/opt/policy-agent/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+LABEL org.opencontainers.image.title="policy-agent" \
+      org.opencontainers.image.description="Kubernetes NetworkPolicy node agent with the vpcip CNI" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# Root, on purpose: iptables, ipset and netlink changes in the host network namespace
+# need uid 0 with NET_ADMIN/NET_RAW, and the CNI installer writes root-owned host
+# directories. The manifests drop every other capability, make the root file system
+# read-only and never run the agent privileged.
+USER 0:0
+CMD ["policy-agent", "--help"]

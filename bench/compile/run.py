@@ -1,0 +1,271 @@
+"""Compiler benchmark: full compile, incremental updates, peak RSS.
+
+Workload (seeded, deterministic): 500 namespaces x 20 pods = 10,000 pods,
+4 policies per namespace = 2,000 policies, 110 pods on the measured node,
+a quarter of the pods dual-stack. Per namespace:
+  1. default-deny ingress (podSelector {}),
+  2. app-<k> from app-<k+1> of the same namespace on 8080 and named port "http",
+  3. tier in (api, web) from pods labelled role=monitor in namespaces team=<t>
+     on named port "metrics" (namespace+pod selector),
+  4. egress for the namespace: DNS to kube-system pods, 443 to 0.0.0.0/0 except
+     10.0.0.0/8, and any port to pods of namespaces env=<same env>.
+Incremental: each operation is applied to a warm Compiler and followed by
+desired(); both the operation alone and operation+desired() are timed.
+
+Usage: .venv/bin/python bench/compile/run.py [--json out.json] [--reps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import ipaddress
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import time
+
+from policy_agent import logs
+from policy_agent.compiler import Compiler, compile
+from policy_agent.compiler.options import NodeConfig
+from policy_agent.model.types import (
+    MATCH_ALL,
+    ClusterSnapshot,
+    ContainerPort,
+    IPBlock,
+    Labels,
+    LabelSelector,
+    Namespace,
+    NetworkPolicy,
+    Operator,
+    Peer,
+    Pod,
+    PolicyPort,
+    PolicyType,
+    Protocol,
+    Requirement,
+    Rule,
+)
+
+NODE = "node-1"
+N_NS, PODS_PER_NS, POLS_PER_NS, LOCAL = 500, 20, 4, 110
+APPS = 5
+
+
+def ns_obj(i: int, rng: random.Random) -> Namespace:
+    name = f"ns-{i:03d}"
+    return Namespace(name, Labels({"kubernetes.io/metadata.name": name, "team": f"t{i % 25}",
+                                   "env": rng.choice(("prod", "stage", "dev"))}))
+
+
+def pod_obj(ns: str, j: int, serial: int, node: str, rng: random.Random, labels_extra=None) -> Pod:
+    ips = [ipaddress.ip_address(f"10.{64 + serial // 65536}.{(serial // 256) % 256}.{serial % 256}")]
+    if serial % 4 == 0:
+        ips.append(ipaddress.ip_address(f"fd00:64::{serial // 65536:x}:{serial % 65536:x}"))
+    labels = {"app": f"app-{j % APPS}", "tier": ("web", "api", "db")[j % 3], "pod-template-hash": f"h{j % 7}"}
+    if j % 10 == 0:
+        labels["role"] = "monitor"
+    labels.update(labels_extra or {})
+    ports = (ContainerPort(8080 + j % 3, Protocol.TCP, "http"), ContainerPort(9100, Protocol.TCP, "metrics"))
+    return Pod(ns, f"pod-{j:03d}", Labels(labels), node, tuple(ips), ports, phase="Running")
+
+
+def sel(**labels) -> LabelSelector:
+    return LabelSelector(Labels(labels))
+
+
+def policies_for(i: int, ns: Namespace) -> list[NetworkPolicy]:
+    n = ns.name
+    k = i % APPS
+    env = ns.labels["env"]
+    return [
+        NetworkPolicy(n, "default-deny", MATCH_ALL, (PolicyType.INGRESS,)),
+        NetworkPolicy(
+            n, f"app-{k}-ingress", sel(app=f"app-{k}"), (PolicyType.INGRESS,),
+            ingress=(Rule((PolicyPort(Protocol.TCP, 8080), PolicyPort(Protocol.TCP, "http")),
+                          (Peer(pod_selector=sel(app=f"app-{(k + 1) % APPS}")),)),),
+        ),
+        NetworkPolicy(
+            n, "allow-monitoring",
+            LabelSelector(match_expressions=(Requirement("tier", Operator.IN, ("api", "web")),)),
+            (PolicyType.INGRESS,),
+            ingress=(Rule((PolicyPort(Protocol.TCP, "metrics"),),
+                          (Peer(pod_selector=sel(role="monitor"), namespace_selector=sel(team=f"t{(i + 1) % 25}")),)),),
+        ),
+        NetworkPolicy(
+            n, "egress", MATCH_ALL, (PolicyType.EGRESS,),
+            egress=(
+                Rule((PolicyPort(Protocol.UDP, 53), PolicyPort(Protocol.TCP, 53)),
+                     (Peer(namespace_selector=sel(**{"kubernetes.io/metadata.name": "ns-000"})),)),
+                Rule((PolicyPort(Protocol.TCP, 443),),
+                     (Peer(ip_block=IPBlock(ipaddress.ip_network("0.0.0.0/0"),
+                                            (ipaddress.ip_network("10.0.0.0/8"),))),)),
+                Rule((), (Peer(namespace_selector=sel(env=env)),)),
+            ),
+        ),
+    ]
+
+
+def workload(seed: int = 1):
+    rng = random.Random(seed)
+    namespaces = [ns_obj(i, rng) for i in range(N_NS)]
+    total = N_NS * PODS_PER_NS
+    local = set(rng.sample(range(total), LOCAL))
+    pods, pols = [], []
+    for i, ns in enumerate(namespaces):
+        for j in range(PODS_PER_NS):
+            serial = i * PODS_PER_NS + j
+            node = NODE if serial in local else f"node-{2 + serial % 90}"
+            pods.append(pod_obj(ns.name, j, serial, node, rng))
+        pols += policies_for(i, ns)
+    return namespaces, pods, pols
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def ms(xs):
+    cpu = CPU.get(id(xs))
+    extra = {"cpu_p50_ms": round(pct(cpu, 50) * 1e3, 3), "cpu_p99_ms": round(pct(cpu, 99) * 1e3, 3)} if cpu else {}
+    return extra | {"p50_ms": round(pct(xs, 50) * 1e3, 3), "p99_ms": round(pct(xs, 99) * 1e3, 3),
+            "max_ms": round(max(xs) * 1e3, 3), "n": len(xs)}
+
+
+CPU: dict[int, list[float]] = {}
+
+
+def timed(c: Compiler, op, samples_op, samples_total):
+    """Wall time of op and of op+desired(); CPU time of op+desired() kept aside
+    (the machine is shared, so wall-clock tails include time spent descheduled)."""
+    c0 = time.thread_time()
+    t0 = time.perf_counter()
+    op()
+    t1 = time.perf_counter()
+    c.desired()
+    t2 = time.perf_counter()
+    c1 = time.thread_time()
+    samples_op.append(t1 - t0)
+    samples_total.append(t2 - t0)
+    CPU.setdefault(id(samples_total), []).append(c1 - c0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--reps", type=int, default=300)
+    args = ap.parse_args()
+    logs.configure("console", "warning")
+    rng = random.Random(42)
+    namespaces, pods, pols = workload()
+    snap = ClusterSnapshot.of([*namespaces, *pods, *pols])
+    node = NodeConfig(NODE)
+
+    gc.collect()
+    full = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        state = compile(snap, node)
+        full.append(time.perf_counter() - t0)
+    shape = {
+        "chains_v4": len(state.table(4)), "chains_v6": len(state.table(6)),
+        "rules_v4": sum(len(c.rules) for c in state.table(4).values()),
+        "ipsets": len(state.ipsets), "ipset_members": sum(len(s.members) for s in state.ipsets.values()),
+        "endpoints": len(state.endpoints),
+        "active_policies": len({p for e in state.endpoints for p in e.ingress_policies + e.egress_policies}),
+    }
+
+    c = Compiler(node).load(snap)
+    c.desired()
+    results = {}
+    serial = 10**5
+    local_keys = [p.key for p in pods if p.node_name == NODE]
+
+    # pod add (remote and local, alternating) then delete (delete timed separately)
+    add_op, add_tot, del_op, del_tot = [], [], [], []
+    for r in range(args.reps):
+        ns = namespaces[rng.randrange(N_NS)].name
+        serial += 1
+        p = pod_obj(ns, rng.randrange(PODS_PER_NS), serial, NODE if r % 2 else "node-7", rng)
+        p = Pod(p.namespace, f"new-{serial}", p.labels, p.node_name, p.ips, p.ports, phase="Running")
+        timed(c, lambda p=p: c.upsert_pod(p), add_op, add_tot)
+        timed(c, lambda p=p: c.delete_pod(p.namespace, p.name), del_op, del_tot)
+    results["pod_add"] = {"op": ms(add_op), "op+desired": ms(add_tot)}
+    results["pod_delete"] = {"op": ms(del_op), "op+desired": ms(del_tot)}
+
+    # pod label change (a quarter of them on local pods, which also re-selects policies)
+    lab_op, lab_tot = [], []
+    for r in range(args.reps):
+        key = local_keys[rng.randrange(len(local_keys))] if r % 4 == 0 else pods[rng.randrange(len(pods))].key
+        old = c.pods[key]
+        labels = dict(old.labels)
+        labels["app"] = f"app-{rng.randrange(APPS)}"
+        labels["role"] = "monitor" if rng.random() < 0.5 else "none"
+        new = Pod(old.namespace, old.name, Labels(labels), old.node_name, old.ips, old.ports, phase=old.phase)
+        timed(c, lambda new=new: c.upsert_pod(new), lab_op, lab_tot)
+    results["pod_label_change"] = {"op": ms(lab_op), "op+desired": ms(lab_tot)}
+
+    # namespace label change (team and env flip: moves 20 pods in/out of namespace-selector sets)
+    nsl_op, nsl_tot = [], []
+    for _ in range(args.reps):
+        old = c.namespaces[namespaces[rng.randrange(N_NS)].name]
+        labels = dict(old.labels)
+        labels["team"] = f"t{rng.randrange(25)}"
+        labels["env"] = rng.choice(("prod", "stage", "dev"))
+        new = Namespace(old.name, Labels(labels))
+        timed(c, lambda new=new: c.upsert_namespace(new), nsl_op, nsl_tot)
+    results["namespace_label_change"] = {"op": ms(nsl_op), "op+desired": ms(nsl_tot)}
+
+    # policy add (new name in a random namespace; then removed again)
+    pa_op, pa_tot = [], []
+    for r in range(args.reps):
+        i = rng.randrange(N_NS)
+        ns = c.namespaces[namespaces[i].name]
+        base = policies_for(i + rng.randrange(1, 5), ns)[rng.randrange(1, 4)]
+        pol = NetworkPolicy(ns.name, f"extra-{r}", base.pod_selector, base.policy_types, base.ingress, base.egress)
+        timed(c, lambda pol=pol: c.upsert_policy(pol), pa_op, pa_tot)
+        c.delete_policy(pol.namespace, pol.name)
+        c.desired()
+    results["policy_add"] = {"op": ms(pa_op), "op+desired": ms(pa_tot)}
+
+    # the incremental state still equals a full compile of the same objects
+    final = ClusterSnapshot.of([*c.namespaces.values(), *c.pods.values(), *c.policies.values()])
+    consistent = c.desired() == compile(final, node)
+
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {
+        "machine": {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "python": sys.version.split()[0], "platform": platform.platform(),
+                    "cpu": _cpu_model()},
+        "workload": {"namespaces": N_NS, "pods": len(pods), "policies": len(pols), "local_pods": LOCAL},
+        "output_shape": shape,
+        "full_compile": {"runs_s": [round(x, 3) for x in full], "median_s": round(statistics.median(full), 3)},
+        "incremental": results,
+        "incremental_equals_full": consistent,
+        "peak_rss_mb": round(rss_mb, 1),
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0 if consistent else 1
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

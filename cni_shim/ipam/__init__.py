@@ -1,0 +1,1 @@
+"""The node's address pool: ENI limits, providers, allocator, checkpoint."""

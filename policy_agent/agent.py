@@ -1,0 +1,495 @@
+"""The agent loop: events from every source -> one store -> throttled compile -> apply.
+
+Rules of the loop (felix's int_dataplane loop, Kubernetes' BoundedFrequencyRunner):
+
+1. Sources run in their own threads and only ever call ``sink(event)``, which
+   timestamps the event and queues it. Only the loop thread touches the store,
+   the compiler and the dataplane, so none of them needs a lock.
+2. Nothing is written to the kernel before every configured source has sent
+   InSync. Until then the rules of the previous run keep enforcing (no flush
+   window). The first apply is a full build and may sweep; later applies are
+   incremental and sweep too, because the store is complete from then on.
+3. Changes are coalesced: at most one apply per ``min_interval``; a burst of
+   events costs one apply. At least every ``max_interval`` the desired state is
+   rebuilt from scratch and applied (resync), so an incremental-compiler bug
+   cannot persist. ``refresh_interval`` reads the kernel back and repairs drift.
+4. A failed apply is retried with exponential backoff; events stay pending
+   (and their latency keeps growing) until an apply succeeds.
+5. After each successful apply, every local endpoint whose rules are in the
+   kernel gets a status file (the CNI shim may wait for it); status files of
+   endpoints no longer desired are removed.
+6. Stopping never touches the kernel: the rules keep enforcing.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol
+
+import structlog
+
+from policy_agent.compiler.options import NodeConfig
+from policy_agent.desired import DesiredState
+from policy_agent.obs.metrics import Metrics
+from policy_agent.shared import endpoint as ep
+from policy_agent.sources.events import Delete, Event, InSync, Replace, Sink, SourceError, Upsert
+from policy_agent.store import Changes, Store
+
+log = structlog.get_logger(__name__)
+
+LIVENESS_STALL = 120.0  # seconds without a loop iteration before /livez fails
+MAX_BACKOFF = 10.0
+
+
+class Source(Protocol):
+    name: str
+
+    def start(self, sink: Sink) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class Dataplane(Protocol):
+    def apply(self, desired: DesiredState, allow_sweep: bool = ...) -> Any: ...
+
+    def refresh(self) -> Any: ...
+
+
+class IncrementalCompiler(Protocol):
+    def upsert_pod(self, pod: Any) -> Any: ...
+    def delete_pod(self, namespace: str, name: str) -> Any: ...
+    def upsert_namespace(self, ns: Any) -> Any: ...
+    def delete_namespace(self, name: str) -> Any: ...
+    def upsert_policy(self, policy: Any) -> Any: ...
+    def delete_policy(self, namespace: str, name: str) -> Any: ...
+    def desired(self) -> DesiredState: ...
+
+
+def default_compiler_factory(node: NodeConfig) -> IncrementalCompiler:
+    from policy_agent.compiler import Compiler
+
+    return Compiler(node)
+
+
+@dataclass
+class _Pending:
+    received: float
+    kind: str
+
+
+class Agent:
+    def __init__(
+        self,
+        node: NodeConfig,
+        dataplane: Dataplane,
+        sources: Iterable[Source],
+        *,
+        status_dir: str | None = None,
+        min_interval: float = 0.02,
+        max_interval: float = 300.0,
+        refresh_interval: float = 30.0,
+        compiler_factory: Callable[[NodeConfig], IncrementalCompiler] = default_compiler_factory,
+        metrics: Metrics | None = None,
+        on_enforced: Callable[[str, float], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node = node
+        self.dataplane = dataplane
+        self.sources = list(sources)
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique: {names}")
+        self.expected_sources = frozenset(names)
+        self.status_dir = status_dir
+        self.min_interval = min_interval
+        self.max_interval = max_interval
+        self.refresh_interval = refresh_interval
+        self.compiler_factory = compiler_factory
+        self.metrics = metrics or Metrics()
+        self.on_enforced = on_enforced
+        self.clock = clock
+
+        self.store = Store(node.node_name)
+        self._queue: queue.SimpleQueue[tuple[float, Event] | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._compiler: IncrementalCompiler | None = None
+        self._pending: list[_Pending] = []
+        self._need_apply = False
+        self._force_full = True
+        self._failures = 0
+        self._retry_at = 0.0
+        self._status_written: dict[tuple[str, str], tuple] = {}
+
+        # Read by status()/health from other threads; plain attribute writes are atomic.
+        self.in_sync = False
+        self.ready = False
+        self.started_at = time.time()
+        self.heartbeat = clock()
+        self.last_apply_end = 0.0  # monotonic
+        self.last_apply_wall = 0.0
+        self.last_apply_duration = 0.0
+        self.last_apply_reason = ""
+        self.last_full_apply = 0.0
+        self.last_refresh = 0.0
+        self.last_error = ""
+        self.apply_count = 0
+        self.rules_programmed = 0
+        self.ipsets_programmed = 0
+        self.endpoint_count = 0
+
+    # --- the sink: any thread ---------------------------------------------------------
+
+    def sink(self, event: Event) -> None:
+        self._queue.put((self.clock(), event))
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("agent already started")
+        self._thread = threading.Thread(target=self._run, name="agent-loop", daemon=True)
+        self._thread.start()
+        for s in self.sources:
+            log.info("source_starting", source=s.name)
+            s.start(self.sink)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop sources and the loop. The kernel is left as it is (rules keep enforcing)."""
+        self._stop.set()
+        for s in self.sources:
+            try:
+                s.stop()
+            except Exception as exc:  # a broken source must not keep the others running
+                log.warning("source_stop_failed", source=s.name, error=str(exc))
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        log.info("agent_stopped", applies=self.apply_count)
+
+    @property
+    def alive(self) -> bool:
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and self.clock() - self.heartbeat < LIVENESS_STALL
+        )
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready:
+                return True
+            time.sleep(0.02)
+        return self.ready
+
+    # --- loop ------------------------------------------------------------------------
+
+    def _next_deadline(self, now: float) -> float:
+        deadline = now + 1.0  # heartbeat
+        if self.in_sync:
+            if self._need_apply or self.store.has_dirty or not self.ready:
+                deadline = min(deadline, max(self.last_apply_end + self.min_interval, self._retry_at))
+            if self.ready:
+                deadline = min(deadline, self.last_full_apply + self.max_interval)
+                if self.refresh_interval > 0:
+                    deadline = min(deadline, self.last_refresh + self.refresh_interval)
+        return deadline
+
+    def _run(self) -> None:
+        log.info("agent_loop_started", node=self.node.node_name, sources=sorted(self.expected_sources))
+        while not self._stop.is_set():
+            now = self.clock()
+            self.heartbeat = now
+            timeout = max(0.0, self._next_deadline(now) - now)
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self._handle(item)
+                # Drain what else is there: one apply for the whole burst.
+                while True:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        break
+                    self._handle(more)
+            if self._stop.is_set():
+                break
+            try:
+                self._tick()
+            except Exception as exc:  # never let the loop die; /livez would turn red
+                log.exception("agent_loop_error", error=str(exc))
+                self.metrics.errors.labels("loop", "").inc()
+                self.last_error = f"loop: {exc}"
+                time.sleep(0.5)
+
+    def _handle(self, item: tuple[float, Event]) -> None:
+        received, event = item
+        source = getattr(event, "source", "")
+        self.metrics.events.labels(source, type(event).__name__).inc()
+        try:
+            self.store.apply(event)
+        except (TypeError, ValueError) as exc:
+            log.warning("event_rejected", source=source, error=str(exc))
+            self.metrics.errors.labels("event", source).inc()
+            return
+        if isinstance(event, (Upsert, Delete, Replace)):
+            self._pending.append(_Pending(received, event.kind))
+        elif isinstance(event, InSync):
+            if self.store.sync_counts[source] > 1:
+                self.metrics.watch_restarts.labels(source).inc()
+            if not self.in_sync and self.expected_sources <= self.store.in_sync_sources:
+                self.in_sync = True
+                self.metrics.in_sync.set(1)
+                log.info("all_sources_in_sync", sources=sorted(self.expected_sources))
+        elif isinstance(event, SourceError):
+            self.metrics.errors.labels("source", source).inc()
+            if event.kind == "watch" or " watch: " in event.message:
+                self.metrics.watch_restarts.labels(source).inc()
+            log.warning("source_error", source=source, kind=event.kind, key=str(event.key), message=event.message)
+
+    def _tick(self) -> None:
+        now = self.clock()
+        self.metrics.pending.set(len(self._pending))
+        if not self.in_sync:
+            return
+        if self.store.has_dirty:
+            self._need_apply = True
+        elif self.ready and self._pending and not self._need_apply and not self._force_full:
+            self._pending.clear()  # these events changed nothing (e.g. a relist of the same objects)
+        resync_due = self.ready and now >= self.last_full_apply + self.max_interval
+        if resync_due:
+            self._force_full = True
+        if (self._need_apply or self._force_full or not self.ready) and now >= max(
+            self.last_apply_end + self.min_interval, self._retry_at
+        ):
+            self._apply(now, "resync" if resync_due else ("initial" if not self.ready else "change"))
+        now = self.clock()
+        if self.ready and self.refresh_interval > 0 and now >= self.last_refresh + self.refresh_interval:
+            self._refresh(now)
+
+    # --- compile + apply ----------------------------------------------------------------
+
+    def _full_compiler(self) -> IncrementalCompiler:
+        c = self.compiler_factory(self.node)
+        snap = self.store.snapshot()
+        if hasattr(c, "load"):
+            c.load(snap)  # bulk load: the compiler fills each selector set once
+            return c
+        for ns in snap.namespaces.values():
+            c.upsert_namespace(ns)
+        for pol in snap.policies.values():
+            c.upsert_policy(pol)
+        for pod in snap.pods.values():
+            c.upsert_pod(pod)
+        return c
+
+    @staticmethod
+    def _feed(c: IncrementalCompiler, ch: Changes) -> None:
+        # Namespaces and policies before pods: a pod's selection reads both.
+        for name, ns in ch.namespaces.items():
+            c.upsert_namespace(ns) if ns is not None else c.delete_namespace(name)
+        for key, pol in ch.policies.items():
+            c.upsert_policy(pol) if pol is not None else c.delete_policy(*key)
+        for key, pod in ch.pods.items():
+            c.upsert_pod(pod) if pod is not None else c.delete_pod(*key)
+
+    def _apply(self, now: float, reason: str) -> None:
+        changes = self.store.take_changes()
+        pending, self._pending = self._pending, []
+        if not changes.model_changed and not self._force_full and self.ready:
+            # Only endpoint/link bookkeeping changed, or a relist brought nothing new:
+            # the desired state is the same, so nothing to write (status files may change).
+            self._need_apply = False
+            if changes.endpoints or changes.links:
+                self._write_status_files(self._last_desired)
+            return
+        t0 = self.clock()
+        try:
+            if self._force_full or self._compiler is None:
+                self._compiler = self._full_compiler()
+            else:
+                self._feed(self._compiler, changes)
+            desired = self._compiler.desired()
+            t1 = self.clock()
+            self.metrics.compile_duration.observe(t1 - t0)
+            self.dataplane.apply(desired, allow_sweep=True)
+        except Exception as exc:
+            self._failures += 1
+            backoff = min(MAX_BACKOFF, 0.1 * 2 ** (self._failures - 1))
+            self._retry_at = self.clock() + backoff
+            self._pending = pending + self._pending
+            self._force_full = True  # the compiler may have absorbed half a change: rebuild
+            self.last_error = f"apply: {exc}"
+            self.metrics.errors.labels("apply", "").inc()
+            log.exception("apply_failed", reason=reason, failures=self._failures, retry_in=round(backoff, 3))
+            return
+        done = self.clock()
+        self._failures = 0
+        self._retry_at = 0.0
+        if self._force_full:
+            self.last_full_apply = done
+        self._force_full = False
+        self._need_apply = False
+        self._last_desired = desired
+        self.apply_count += 1
+        self.last_apply_end = done
+        self.last_apply_wall = time.time()
+        self.last_apply_duration = done - t0
+        self.last_apply_reason = reason
+        m = self.metrics
+        m.apply_duration.observe(done - t0)
+        m.applies.labels(reason).inc()
+        m.last_apply.set(self.last_apply_wall)
+        for p in pending:
+            m.event_to_enforced.labels(p.kind).observe(done - p.received)
+            if self.on_enforced is not None:
+                self.on_enforced(p.kind, done - p.received)
+        self._record_counts(desired)
+        self._write_status_files(desired)
+        if not self.ready:
+            self.ready = True
+            m.ready.set(1)
+            self.last_refresh = done  # the first apply read the kernel back already
+            log.info("agent_ready", apply_seconds=round(done - t0, 4), rules=self.rules_programmed,
+                     ipsets=self.ipsets_programmed, endpoints=self.endpoint_count)
+        else:
+            log.debug("applied", reason=reason, seconds=round(done - t0, 4), changes=changes.count(),
+                      events=len(pending))
+
+    _last_desired: DesiredState | None = None
+
+    def _record_counts(self, desired: DesiredState) -> None:
+        total = 0
+        for fam in (4, 6):
+            chains = [c for (f, _t), tbl in desired.chains.items() if f == fam for c in tbl.values()]
+            n = sum(len(c.rules) for c in chains)
+            total += n
+            self.metrics.rules.labels(str(fam)).set(n)
+            self.metrics.chains.labels(str(fam)).set(len(chains))
+        self.rules_programmed = total
+        self.ipsets_programmed = len(desired.ipsets)
+        self.endpoint_count = len(desired.endpoints)
+        self.metrics.ipsets.set(len(desired.ipsets))
+        self.metrics.ipset_members.set(sum(len(s.members) for s in desired.ipsets.values()))
+        self.metrics.endpoints.set(len(desired.endpoints))
+
+    def _refresh(self, now: float) -> None:
+        self.last_refresh = now
+        try:
+            self.dataplane.refresh()
+            self.metrics.refreshes.inc()
+        except Exception as exc:
+            self.last_error = f"refresh: {exc}"
+            self.metrics.errors.labels("refresh", "").inc()
+            log.exception("refresh_failed")
+            self._force_full = True  # write everything again on the next tick
+
+    # --- endpoint status files -----------------------------------------------------------
+
+    def _write_status_files(self, desired: DesiredState | None) -> None:
+        if not self.status_dir or desired is None:
+            return
+        want: dict[tuple[str, str], tuple] = {}
+        for e in desired.endpoints:
+            if not e.ips:
+                continue  # no address yet: not in the dispatch chains, dropped as unknown
+            rec = self.store.endpoint(e.namespace, e.pod)
+            policies = tuple(sorted(set(e.ingress_policies) | set(e.egress_policies)))
+            want[(e.namespace, e.pod)] = (rec.container_id if rec else "", e.interface, policies)
+        first = not self._status_written and self.apply_count <= 1
+        for key, val in want.items():
+            if self._status_written.get(key) == val:
+                continue
+            try:
+                ep.write_status(self.status_dir, ep.EndpointStatus(key[0], key[1], val[0], val[1], time.time(), val[2]))
+                self._status_written[key] = val
+            except (OSError, ValueError) as exc:
+                self.metrics.errors.labels("status_file", "").inc()
+                log.warning("status_file_write_failed", pod=f"{key[0]}/{key[1]}", error=str(exc))
+        for key in [k for k in self._status_written if k not in want]:
+            ep.remove_status(self.status_dir, *key)
+            del self._status_written[key]
+        if first:
+            # Left over from a previous run for endpoints that are gone now.
+            try:
+                names = os.listdir(self.status_dir)
+            except FileNotFoundError:
+                names = []
+            for name in names:
+                if ep.is_record_file(name):
+                    key = ep.split_key(name[: -len(".json")])
+                    if key not in want:
+                        try:
+                            ep.remove_status(self.status_dir, *key)
+                        except ValueError:
+                            pass
+
+    # --- status (any thread) ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "node": self.node.node_name,
+            "alive": self.alive,
+            "in_sync": self.in_sync,
+            "ready": self.ready,
+            "sources": {
+                s: {"in_sync": s in self.store.in_sync_sources, "syncs": self.store.sync_counts.get(s, 0)}
+                for s in sorted(self.expected_sources)
+            },
+            "last_apply_time": self.last_apply_wall or None,
+            "last_apply_age_seconds": round(now - self.last_apply_end, 3) if self.apply_count else None,
+            "last_apply_duration_seconds": round(self.last_apply_duration, 6) if self.apply_count else None,
+            "last_apply_reason": self.last_apply_reason or None,
+            "applies": self.apply_count,
+            "pending_events": len(self._pending) + self._queue.qsize(),
+            "counts": {
+                "namespaces": self.store.count("Namespace"),
+                "pods": self.store.count("Pod"),
+                "policies": self.store.count("NetworkPolicy"),
+                "endpoint_records": self.store.count("Endpoint"),
+                "links": self.store.count("Link"),
+                "local_endpoints": self.endpoint_count,
+                "rules": self.rules_programmed,
+                "ipsets": self.ipsets_programmed,
+            },
+            "errors": {"total": self.store.error_count + int(self._failures > 0), "recent": list(self.store.errors),
+                       "last": self.last_error or None},
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+        }
+
+
+class PushSource:
+    """A source fed by its owner (tests, benchmarks): start() delivers the initial
+    objects as Replace per kind plus InSync; later calls go straight to the sink."""
+
+    def __init__(self, name: str, initial: dict[str, dict] | None = None) -> None:
+        self.name = name
+        self.initial = initial or {}
+        self._sink: Sink | None = None
+
+    def start(self, sink: Sink) -> None:
+        self._sink = sink
+        for kind, objects in self.initial.items():
+            sink(Replace(self.name, kind, dict(objects)))
+        sink(InSync(self.name))
+
+    def stop(self) -> None:
+        self._sink = None
+
+    def upsert(self, kind: str, key: Any, obj: Any) -> None:
+        if self._sink:
+            self._sink(Upsert(self.name, kind, key, obj))
+
+    def delete(self, kind: str, key: Any) -> None:
+        if self._sink:
+            self._sink(Delete(self.name, kind, key))

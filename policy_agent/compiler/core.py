@@ -1,0 +1,526 @@
+"""The incremental compiler: a label index over pods, namespaces and policies.
+
+State kept (all keyed, nothing recomputed wholesale on an event):
+- pods by namespace, policies by namespace, local endpoints by namespace;
+- for each policy, the local endpoints it selects (a policy is *active* iff that
+  set is not empty) and, for each local endpoint, the policies selecting it;
+- one ``_Scope`` per selector/named-port scope referenced by an active policy,
+  ref-counted, holding its members per family; ``_ns_index`` maps a namespace
+  to the scopes that cover it, so a pod event touches only those scopes and a
+  namespace label change only re-tests the namespace-selector scopes.
+``desired()`` assembles the DesiredState from cached chains: a policy chain is
+rebuilt only when its policy object changed, an endpoint chain only when the
+endpoint's view (addresses, policy list) changed, an ipset only when its
+members changed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import structlog
+
+from policy_agent.compiler import chains as ch
+from policy_agent.compiler.options import NodeConfig
+from policy_agent.compiler.scopes import ScopeDef, eligible
+from policy_agent.desired import FILTER, Chain, DesiredState, Hook, IPSet, LocalEndpoint
+from policy_agent.model.types import (
+    NAMESPACE_NAME_LABEL,
+    ClusterSnapshot,
+    Labels,
+    Namespace,
+    NetworkPolicy,
+    Pod,
+    PolicyType,
+)
+from policy_agent.shared import naming
+
+log = structlog.get_logger(__name__)
+
+PodKey = tuple[str, str]
+PolicyKey = tuple[str, str]
+
+
+@dataclass
+class _Scope:
+    defn: ScopeDef
+    refs: int = 0
+    matched_ns: set[str] = field(default_factory=set)
+    pod_members: dict[PodKey, tuple[tuple[int, str], ...]] = field(default_factory=dict)
+    counts: dict[int, Counter] = field(default_factory=lambda: {4: Counter(), 6: Counter()})
+    cache: dict[int, IPSet] = field(default_factory=dict)
+
+
+class Compiler:
+    """Feed it object events; ask it for ``desired()`` whenever you want to apply."""
+
+    def __init__(self, node: NodeConfig) -> None:
+        self.node = node
+        self.families = (4, 6) if node.ipv6 else (4,)
+        self.namespaces: dict[str, Namespace] = {}
+        self.pods: dict[PodKey, Pod] = {}
+        self.policies: dict[PolicyKey, NetworkPolicy] = {}
+        self._pods_by_ns: dict[str, set[PodKey]] = {}
+        self._pols_by_ns: dict[str, set[PolicyKey]] = {}
+        self._local_by_ns: dict[str, set[PodKey]] = {}
+        self._local: set[PodKey] = set()
+        self._pol_selected: dict[PolicyKey, set[PodKey]] = {}
+        self._ep_policies: dict[PodKey, set[PolicyKey]] = {}
+        self._pol_scopes: dict[PolicyKey, set[ScopeDef]] = {}
+        self._scopes: dict[ScopeDef, _Scope] = {}
+        self._ns_index: dict[str, set[ScopeDef]] = {}
+        self._nssel_scopes: set[ScopeDef] = set()
+        self._plain_members: dict[PodKey, tuple[tuple[int, str], ...]] = {}  # pod -> its /32 and /128 members
+        self._plain_of: dict[PodKey, Pod] = {}
+        # output caches
+        self._static = {f: ch.static_chains(node, f) for f in (4, 6)}
+        self._ep_dirty: set[PodKey] = set()
+        self._ep_out: dict[PodKey, LocalEndpoint] = {}
+        self._ep_fam: dict[int, dict[PodKey, tuple[ch.EndpointView, ch.Built]]] = {f: {} for f in self.families}
+        self._endpoints: tuple[LocalEndpoint, ...] = ()
+        self._pol_cache: dict[tuple[str, int, str], ch.Built] = {}  # (ref, family, direction)
+        self._tables = {f: _FamilyTable(self._static[f]) for f in self.families}
+
+    # --- loading ----------------------------------------------------------------
+
+    def load(self, snapshot: ClusterSnapshot) -> "Compiler":
+        """Bulk load: namespaces, then pods, then policies (scopes are filled once)."""
+        for name in sorted(snapshot.namespaces):
+            self.upsert_namespace(snapshot.namespaces[name])
+        for key in sorted(snapshot.pods):
+            self.upsert_pod(snapshot.pods[key])
+        for key in sorted(snapshot.policies):
+            self.upsert_policy(snapshot.policies[key])
+        return self
+
+    # --- namespaces ---------------------------------------------------------------
+
+    def _ns_labels(self, name: str) -> Labels:
+        ns = self.namespaces.get(name)
+        return ns.labels if ns is not None else Labels({NAMESPACE_NAME_LABEL: name})
+
+    def upsert_namespace(self, ns: Namespace) -> None:
+        if NAMESPACE_NAME_LABEL not in ns.labels:
+            # The API server always sets it (since 1.21); objects built by hand may not.
+            ns = Namespace(ns.name, Labels({**ns.labels, NAMESPACE_NAME_LABEL: ns.name}), ns.resource_version)
+        old = self.namespaces.get(ns.name)
+        self.namespaces[ns.name] = ns
+        if old is None or old.labels != ns.labels:
+            self._refresh_ns(ns.name)
+
+    def delete_namespace(self, name: str) -> None:
+        if self.namespaces.pop(name, None) is not None:
+            self._refresh_ns(name)
+
+    def _refresh_ns(self, name: str) -> None:
+        """Re-test every namespace-selector scope against this namespace's labels."""
+        labels = self._ns_labels(name)
+        for defn in self._nssel_scopes:
+            st = self._scopes[defn]
+            assert defn.ns_selector is not None
+            now = defn.ns_selector.matches(labels)
+            if now == (name in st.matched_ns):
+                continue
+            if now:
+                st.matched_ns.add(name)
+                self._ns_index.setdefault(name, set()).add(defn)
+                for key in self._pods_by_ns.get(name, ()):
+                    self._scope_pod(st, key, self.pods[key])
+            else:
+                st.matched_ns.discard(name)
+                self._ns_index_discard(name, defn)
+                for key in self._pods_by_ns.get(name, ()):
+                    self._scope_pod(st, key, None)
+
+    def _ns_index_discard(self, name: str, defn: ScopeDef) -> None:
+        s = self._ns_index.get(name)
+        if s is not None:
+            s.discard(defn)
+            if not s:
+                del self._ns_index[name]
+
+    # --- pods -----------------------------------------------------------------------
+
+    def upsert_pod(self, pod: Pod) -> None:
+        key = pod.key
+        old = self.pods.get(key)
+        if old == pod:
+            return
+        self.pods[key] = pod
+        ns_pods = self._pods_by_ns.get(pod.namespace)
+        if ns_pods is None:
+            ns_pods = self._pods_by_ns[pod.namespace] = set()
+        ns_pods.add(key)
+        for defn in self._ns_index.get(pod.namespace, ()):
+            self._scope_pod(self._scopes[defn], key, pod)
+        if old is None and len(ns_pods) == 1:
+            # A namespace without pods is not in the namespace-selector scopes' index.
+            self._refresh_ns(pod.namespace)
+        self._update_local(key)
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        if self.pods.pop(key, None) is None:
+            return
+        self._plain_members.pop(key, None)
+        self._plain_of.pop(key, None)
+        ns_pods = self._pods_by_ns.get(namespace)
+        if ns_pods is not None:
+            ns_pods.discard(key)
+            if not ns_pods:
+                del self._pods_by_ns[namespace]
+        for defn in self._ns_index.get(namespace, ()):
+            self._scope_pod(self._scopes[defn], key, None)
+        self._update_local(key)
+
+    def _is_local(self, pod: Pod) -> bool:
+        return pod.node_name == self.node.node_name and not pod.host_network and not pod.terminated
+
+    def _update_local(self, key: PodKey) -> None:
+        pod = self.pods.get(key)
+        ns = key[0]
+        is_local = pod is not None and self._is_local(pod)
+        if not is_local and key not in self._local:
+            return  # a remote pod only moves ipset members
+        self._ep_dirty.add(key)
+        if is_local:
+            self._local.add(key)
+            self._local_by_ns.setdefault(ns, set()).add(key)
+            sel = {
+                pk for pk in self._pols_by_ns.get(ns, ()) if self.policies[pk].pod_selector.matches(pod.labels)
+            }
+        else:
+            if key in self._local:
+                self._local.discard(key)
+                self._local_by_ns[ns].discard(key)
+                if not self._local_by_ns[ns]:
+                    del self._local_by_ns[ns]
+            sel = set()
+        old = self._ep_policies.get(key, set())
+        for pk in old - sel:
+            selected = self._pol_selected[pk]
+            selected.discard(key)
+            if not selected:
+                self._deactivate(pk)
+        for pk in sel - old:
+            selected = self._pol_selected[pk]
+            selected.add(key)
+            if len(selected) == 1:
+                self._activate(pk)
+        if sel:
+            self._ep_policies[key] = sel
+        else:
+            self._ep_policies.pop(key, None)
+
+    # --- policies ---------------------------------------------------------------------
+
+    def upsert_policy(self, pol: NetworkPolicy) -> None:
+        key = pol.key
+        old = self.policies.get(key)
+        if old == pol:
+            return
+        if old is not None:
+            self._unlink_policy(key)
+        self.policies[key] = pol
+        self._pols_by_ns.setdefault(pol.namespace, set()).add(key)
+        selected = {
+            pk
+            for pk in self._local_by_ns.get(pol.namespace, ())
+            if pol.pod_selector.matches(self.pods[pk].labels)
+        }
+        self._pol_selected[key] = selected
+        for pk in selected:
+            self._ep_policies.setdefault(pk, set()).add(key)
+        self._ep_dirty |= selected
+        if selected:
+            self._activate(key)
+
+    def delete_policy(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        if key not in self.policies:
+            return
+        self._unlink_policy(key)
+        del self.policies[key]
+        s = self._pols_by_ns[namespace]
+        s.discard(key)
+        if not s:
+            del self._pols_by_ns[namespace]
+
+    def _unlink_policy(self, key: PolicyKey) -> None:
+        for pk in self._pol_selected.pop(key, set()):
+            self._ep_dirty.add(pk)
+            eps = self._ep_policies[pk]
+            eps.discard(key)
+            if not eps:
+                del self._ep_policies[pk]
+        if key in self._pol_scopes:
+            self._deactivate(key)
+        ref = f"{key[0]}/{key[1]}"
+        for family in (4, 6):
+            for direction in ch.DIRECTIONS:
+                self._pol_cache.pop((ref, family, direction), None)
+                if family in self._tables:
+                    self._tables[family].dirty.add(("pol", ref, direction))
+
+    def _activate(self, key: PolicyKey) -> None:
+        defs = ch.policy_scopes(self.policies[key])
+        self._pol_scopes[key] = defs
+        for d in defs:
+            st = self._scopes.get(d)
+            if st is None:
+                st = self._create_scope(d)
+            st.refs += 1
+
+    def _deactivate(self, key: PolicyKey) -> None:
+        for d in self._pol_scopes.pop(key, set()):
+            st = self._scopes[d]
+            st.refs -= 1
+            if st.refs == 0:
+                self._drop_scope(st)
+
+    # --- scopes -----------------------------------------------------------------------
+
+    def _create_scope(self, d: ScopeDef) -> _Scope:
+        st = self._scopes[d] = _Scope(d)
+        if d.namespace is not None:
+            names: list[str] = [d.namespace]
+        else:
+            assert d.ns_selector is not None
+            self._nssel_scopes.add(d)
+            candidates = set(self._pods_by_ns)  # a namespace without pods adds no member
+            names = [n for n in candidates if d.ns_selector.matches(self._ns_labels(n))]
+        for n in names:
+            st.matched_ns.add(n)
+            self._ns_index.setdefault(n, set()).add(d)
+            for key in self._pods_by_ns.get(n, ()):
+                self._scope_pod(st, key, self.pods[key])
+        return st
+
+    def _drop_scope(self, st: _Scope) -> None:
+        d = st.defn
+        for n in st.matched_ns:
+            self._ns_index_discard(n, d)
+        self._nssel_scopes.discard(d)
+        del self._scopes[d]
+
+    def _scope_pod(self, st: _Scope, key: PodKey, pod: Pod | None) -> None:
+        d = st.defn
+        if pod is not None and eligible(pod) and d.pod_selector.matches(pod.labels):
+            if d.named_port is None:
+                new = self._plain_members.get(key)
+                if new is None or self._plain_of.get(key) is not pod:
+                    new = d.members_of(pod)  # formatting addresses is the slow part: once per pod
+                    self._plain_members[key] = new
+                    self._plain_of[key] = pod
+            else:
+                new = d.members_of(pod)
+        else:
+            new = ()
+        old = st.pod_members.get(key, ())
+        if new == old:
+            return
+        for fam, m in old:
+            c = st.counts[fam]
+            n = c[m] - 1
+            if n:
+                c[m] = n
+            else:
+                del c[m]
+            st.cache.pop(fam, None)
+        for fam, m in new:
+            c = st.counts[fam]
+            c[m] = c.get(m, 0) + 1
+            st.cache.pop(fam, None)
+        if new:
+            st.pod_members[key] = new
+        else:
+            del st.pod_members[key]
+
+    def _scope_ipset(self, d: ScopeDef, family: int) -> IPSet:
+        st = self._scopes[d]
+        s = st.cache.get(family)
+        if s is None:
+            s = IPSet(
+                d.set_name(family),
+                family,
+                "hash:ip,port" if d.named_port else "hash:net",
+                frozenset(st.counts[family]),
+                d.origin,
+            )
+            st.cache[family] = s
+        return s
+
+    # --- output ------------------------------------------------------------------------
+
+    def _refs(self, key: PodKey, ptype: PolicyType) -> tuple[str, ...]:
+        pols = self._ep_policies.get(key, ())
+        return tuple(sorted(f"{p[0]}/{p[1]}" for p in pols if self.policies[p].governs(ptype)))
+
+    def _policy_built(self, ref: str, family: int, direction: str) -> ch.Built:
+        ck = (ref, family, direction)
+        built = self._pol_cache.get(ck)
+        if built is None:
+            ns, name = ref.split("/", 1)
+            built = ch.policy_chain(self.node, family, self.policies[(ns, name)], direction)
+            self._pol_cache[ck] = built
+        return built
+
+    def _refresh_endpoints(self) -> None:
+        """Recompute the LocalEndpoint and endpoint chains of dirty endpoints only."""
+        for key in self._ep_dirty:
+            pod = self.pods.get(key)
+            if key not in self._local or pod is None:
+                self._ep_out.pop(key, None)
+                for family in self.families:
+                    self._set_ep_view(family, key, None)
+                continue
+            ing = self._refs(key, PolicyType.INGRESS)
+            egr = self._refs(key, PolicyType.EGRESS)
+            iface = naming.veth_name(self.node.iface_prefix, key[0], key[1])
+            ep = LocalEndpoint(key[0], key[1], iface, tuple(str(ip) for ip in pod.ips), ing, egr, bool(ing), bool(egr))
+            self._ep_out[key] = ep
+            for family in self.families:
+                ips = tuple(str(ip) for ip in pod.ips_of(family))
+                # no address in this family: not in its dispatch, so dropped as unknown
+                view = ch.EndpointView(key[0], key[1], iface, ips, ing, egr, 32 if family == 4 else 128) if ips else None
+                self._set_ep_view(family, key, view)
+        if self._ep_dirty:
+            self._endpoints = tuple(self._ep_out[k] for k in sorted(self._ep_out))
+        self._ep_dirty.clear()
+
+    def _set_ep_view(self, family: int, key: PodKey, view: ch.EndpointView | None) -> None:
+        fam = self._ep_fam[family]
+        old = fam.get(key)
+        if (old[0] if old else None) == view:
+            return
+        t = self._tables[family]
+        if old is not None:
+            for owner in _policy_owners(old[0]):
+                t.pol_refs[owner] -= 1
+                if not t.pol_refs[owner]:
+                    del t.pol_refs[owner]
+                    t.dirty.add(owner)
+            del fam[key]
+        if view is not None:
+            fam[key] = (view, ch.endpoint_chains(self.node, family, view))
+            for owner in _policy_owners(view):
+                t.pol_refs[owner] += 1
+                if t.pol_refs[owner] == 1:
+                    t.dirty.add(owner)
+        t.dirty.add(("ep", key))
+        t.ifaces_dirty = True
+
+    def _sync_table(self, family: int) -> None:
+        """Swap the contribution of every dirty owner (endpoint or policy chain)."""
+        t = self._tables[family]
+        for owner in t.dirty:
+            if owner[0] == "ep":
+                hit = self._ep_fam[family].get(owner[1])
+                t.put(owner, hit[1] if hit else None)
+            else:
+                _, ref, direction = owner
+                t.put(owner, self._policy_built(ref, family, direction) if owner in t.pol_refs else None)
+        t.dirty.clear()
+        if t.ifaces_dirty:
+            t.ifaces_dirty = False
+            ifaces = tuple(sorted(v.iface for v, _ in self._ep_fam[family].values()))
+            if ifaces != t.dispatch_key:
+                t.dispatch_key = ifaces
+                t.put(("dispatch",), ch.Built(chains=ch.dispatch_chains(self.node, list(ifaces))))
+
+    def desired(self) -> DesiredState:
+        self._refresh_endpoints()
+        chains: dict[tuple[int, str], Mapping[str, Chain]] = {}
+        ipsets: dict[str, IPSet] = {}
+        for family in self.families:
+            self._sync_table(family)
+            t = self._tables[family]
+            chains[(family, FILTER)] = t.output()
+            ipsets.update(t.static_sets)
+            for d in t.scope_refs:
+                s = self._scope_ipset(d, family)
+                ipsets[s.name] = s
+        return DesiredState(chains, _HOOKS, dict(sorted(ipsets.items())), self._endpoints)
+
+
+def _policy_owners(view: ch.EndpointView) -> list[tuple[str, str, str]]:
+    return [("pol", r, "ingress") for r in view.ingress] + [("pol", r, "egress") for r in view.egress]
+
+
+class _FamilyTable:
+    """The chains and ipsets of one family, as the sum of per-owner contributions.
+
+    Owners are ("ep", pod key), ("pol", ref, direction) and ("dispatch",); each
+    contributes one Built. Changing an owner removes its old Built and adds the
+    new one, so an event costs what it touches, not the size of the node.
+    """
+
+    def __init__(self, static: dict[str, Chain]) -> None:
+        self.chains: dict[str, Chain] = dict(static)
+        self.owners: dict[tuple, ch.Built] = {}
+        self.static_sets: dict[str, IPSet] = {}
+        self._set_refs: Counter = Counter()
+        self.scope_refs: Counter = Counter()
+        self.pol_refs: Counter = Counter()  # ("pol", ref, direction) -> endpoints referencing it
+        self.dirty: set[tuple] = set()
+        self.ifaces_dirty = True
+        self.dispatch_key: tuple[str, ...] | None = None
+        self._out: dict[str, Chain] | None = None
+
+    def put(self, owner: tuple, built: ch.Built | None) -> None:
+        old = self.owners.get(owner)
+        if old is built:
+            return
+        self._out = None
+        if old is not None:
+            del self.owners[owner]
+            for name in old.chains:
+                del self.chains[name]
+            for name in old.ipsets:
+                self._set_refs[name] -= 1
+                if not self._set_refs[name]:
+                    del self._set_refs[name]
+                    del self.static_sets[name]
+            for d in old.scopes.values():
+                self.scope_refs[d] -= 1
+                if not self.scope_refs[d]:
+                    del self.scope_refs[d]
+        if built is not None:
+            self.owners[owner] = built
+            self.chains.update(built.chains)
+            for name, s in built.ipsets.items():
+                self._set_refs[name] += 1
+                self.static_sets[name] = s
+            for d in built.scopes.values():
+                self.scope_refs[d] += 1
+
+    def output(self) -> dict[str, Chain]:
+        """A fresh sorted dict (earlier DesiredStates stay unchanged); cached until a change."""
+        if self._out is None:
+            self._out = dict(sorted(self.chains.items()))
+        return self._out
+
+
+_HOOKS = tuple(
+    Hook(FILTER, builtin, ours)
+    for builtin, ours in (
+        ("FORWARD", naming.CHAIN_FORWARD),
+        ("INPUT", naming.CHAIN_INPUT),
+        ("OUTPUT", naming.CHAIN_OUTPUT),
+    )
+)
+
+
+def compile(snapshot: ClusterSnapshot, node: NodeConfig) -> DesiredState:  # noqa: A001 - the public name
+    """Full compile: a fresh Compiler fed the snapshot."""
+    state = Compiler(node).load(snapshot).desired()
+    log.debug(
+        "compiled",
+        node=node.node_name,
+        endpoints=len(state.endpoints),
+        ipsets=len(state.ipsets),
+        chains=sum(len(t) for t in state.chains.values()),
+    )
+    return state

@@ -1,0 +1,121 @@
+"""Address sets the compiler needs: what a peer (or a named port) stands for.
+
+A ``ScopeDef`` is the meaning of a selector ipset: "pods matching <pod selector>
+in <one namespace | namespaces matching a selector>", optionally narrowed to
+the pods that expose a named port. Its ``ident`` is canonical, so two rules or
+two policies with the same selector share one ipset (per family).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from policy_agent.model.types import MATCH_ALL, IPBlock, LabelSelector, NetworkPolicy, Peer, Pod
+from policy_agent.shared.naming import ipset_name
+
+
+@dataclass(frozen=True)
+class ScopeDef:
+    namespace: str | None  # a fixed namespace, or None = chosen by ns_selector
+    ns_selector: LabelSelector | None
+    pod_selector: LabelSelector
+    named_port: tuple[str, str] | None = None  # (protocol lower-case, port name)
+
+    def __hash__(self) -> int:
+        # Scopes are dictionary keys on every event: hash the nested selectors once.
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.namespace, self.ns_selector, self.pod_selector, self.named_port))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    @property
+    def kind(self) -> str:
+        return "n" if self.named_port else "s"
+
+    @property
+    def ident(self) -> str:
+        if self.namespace is not None:
+            where = f"ns={self.namespace}"
+        else:
+            where = f"nssel={(self.ns_selector or MATCH_ALL).canonical()}"
+        base = f"{where}|pod={self.pod_selector.canonical()}"
+        if self.named_port:
+            return f"port={self.named_port[0]}:{self.named_port[1]}|{base}"
+        return base
+
+    def set_name(self, family: int) -> str:
+        return ipset_name(family, self.kind, self.ident)
+
+    @property
+    def origin(self) -> str:
+        if self.namespace is not None:
+            where = f"in namespace {self.namespace}"
+        else:
+            where = f"in namespaces matching {(self.ns_selector or MATCH_ALL).canonical()}"
+        text = f"pods matching {self.pod_selector.canonical()} {where}"
+        if self.named_port:
+            return f"named port {self.named_port[0]}/{self.named_port[1]} of {text}"
+        return text
+
+    def with_port(self, protocol: str, name: str) -> "ScopeDef":
+        return replace(self, named_port=(protocol, name))
+
+    def members_of(self, pod: Pod) -> tuple[tuple[int, str], ...]:
+        """(family, ipset member) pairs this pod contributes, ignoring selectors."""
+        if self.named_port is None:
+            return tuple((ip.version, f"{ip}/{ip.max_prefixlen}") for ip in pod.ips)
+        proto, name = self.named_port
+        out = []
+        for cp in pod.ports:
+            if cp.name == name and cp.protocol.lower == proto:
+                out += [(ip.version, f"{ip},{proto}:{cp.port}") for ip in pod.ips]
+        return tuple(out)
+
+
+ALL_PODS = ScopeDef(None, MATCH_ALL, MATCH_ALL)
+
+
+def peer_scope(policy: NetworkPolicy, peer: Peer) -> ScopeDef | None:
+    """The pods a selector peer stands for; None for an ipBlock peer."""
+    if peer.ip_block is not None:
+        return None
+    if peer.namespace_selector is None:
+        return ScopeDef(policy.namespace, None, peer.pod_selector or MATCH_ALL)
+    return ScopeDef(None, peer.namespace_selector, peer.pod_selector or MATCH_ALL)
+
+
+def policy_scope(policy: NetworkPolicy) -> ScopeDef:
+    """The pods the policy itself applies to."""
+    return ScopeDef(policy.namespace, None, policy.pod_selector)
+
+
+def eligible(pod: Pod) -> bool:
+    """Pods that can be a peer: a host-network pod has the node's address and a
+    finished pod's address may already belong to someone else (as Calico)."""
+    return not pod.host_network and not pod.terminated and bool(pod.ips)
+
+
+# --- ipBlock sets ------------------------------------------------------------------
+
+
+def ipblock_ident(block: IPBlock) -> str:
+    return f"cidr={block.cidr}|except={','.join(sorted(str(e) for e in block.excepts))}"
+
+
+def ipblock_members(block: IPBlock) -> frozenset[str]:
+    """hash:net members: the cidr, and every except as "nomatch" (most specific wins).
+
+    hash:net cannot hold a /0, so a /0 is stored as its two halves.
+    """
+    cidr = block.cidr
+    if cidr.prefixlen == 0:
+        pos = [str(n) for n in cidr.subnets(prefixlen_diff=1)]
+    else:
+        pos = [str(cidr)]
+    return frozenset(pos + [f"{e} nomatch" for e in block.excepts])
+
+
+def ipblock_empty(block: IPBlock) -> bool:
+    """An except that covers the whole cidr leaves nothing to match."""
+    return any(block.cidr.subnet_of(e) for e in block.excepts if e.version == block.cidr.version)

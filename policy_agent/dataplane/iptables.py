@@ -1,0 +1,238 @@
+"""Pure iptables logic: parse ``iptables-save -c`` and plan a --noflush transaction.
+
+Read-back is by identity: every rule we write carries ``pa:<hash>`` as its first
+comment, and the hash chains over the chain name and all earlier rules
+(policy_agent.desired.rule_hashes). A chain is up to date iff its kernel hash
+list equals the desired one; otherwise the differing positions are replaced
+(``-R``), missing tail rules appended and surplus ones deleted from the end,
+so rules before the first difference keep their counters. Built-in chains
+(INPUT/FORWARD/OUTPUT...) get our hook rules at the top; if they are not exactly
+there, every rule of ours in that chain is deleted by its full text (never by
+index: other writers may have shifted it) and the hooks are re-inserted.
+Chains and rules not carrying our prefix/hash are never touched.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from policy_agent.desired import Chain, Hook
+from policy_agent.shared.naming import RULE_HASH_PREFIX, owns_chain
+
+HASH_RE = re.compile(r'--comment "?' + re.escape(RULE_HASH_PREFIX) + r'([A-Za-z0-9_-]{16})"?(?:\s|$)')
+COMMENT_RE = re.compile(r'--comment ("(?:[^"\\]|\\.)*"|\S+)')
+TARGET_RE = re.compile(r"(?:^|\s)-[jg] (\S+)")
+SET_RE = re.compile(r"--match-set (\S+)")
+_COUNTER_RE = re.compile(r"^\[(\d+):(\d+)\]\s+")
+
+
+@dataclass
+class KRule:
+    chain: str
+    spec: str  # everything after "-A <chain> ", as iptables-save prints it
+    packets: int = 0
+    bytes: int = 0
+
+    @property
+    def hash(self) -> str | None:
+        m = HASH_RE.search(self.spec)
+        return m.group(1) if m else None
+
+    @property
+    def target(self) -> str | None:
+        m = TARGET_RE.search(self.spec)
+        return m.group(1) if m else None
+
+    @property
+    def ipsets(self) -> list[str]:
+        return SET_RE.findall(self.spec)
+
+    @property
+    def origin(self) -> str:
+        """The human comment (policy, direction, rule), i.e. the first non-hash comment."""
+        for c in COMMENT_RE.findall(self.spec):
+            c = c[1:-1] if c.startswith('"') else c
+            if not c.startswith(RULE_HASH_PREFIX):
+                return c
+        return ""
+
+    @property
+    def ours(self) -> bool:
+        t = self.target
+        return self.hash is not None or (t is not None and owns_chain(t))
+
+    def save_line(self) -> str:
+        return f"-A {self.chain} {self.spec}".rstrip()
+
+
+@dataclass
+class KChain:
+    name: str
+    policy: str = "-"  # "-" for user chains, ACCEPT/DROP for built-ins
+    rules: list[KRule] = field(default_factory=list)
+
+    @property
+    def builtin(self) -> bool:
+        return self.policy != "-"
+
+
+@dataclass
+class KTable:
+    name: str
+    chains: dict[str, KChain] = field(default_factory=dict)
+
+    def owned(self) -> dict[str, KChain]:
+        return {n: c for n, c in self.chains.items() if owns_chain(n)}
+
+
+def parse_save(text: str) -> dict[str, KTable]:
+    """``iptables-save [-c]`` text -> tables. Only ``*``, ``:`` and ``-A`` lines matter."""
+    tables: dict[str, KTable] = {}
+    cur: KTable | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            cur = tables.setdefault(line[1:], KTable(line[1:]))
+            continue
+        if line == "COMMIT" or cur is None:
+            continue
+        if line.startswith(":"):
+            parts = line[1:].split()
+            cur.chains.setdefault(parts[0], KChain(parts[0], parts[1] if len(parts) > 1 else "-"))
+            continue
+        packets = nbytes = 0
+        m = _COUNTER_RE.match(line)
+        if m:
+            packets, nbytes = int(m.group(1)), int(m.group(2))
+            line = line[m.end():]
+        if line.startswith("-A "):
+            _, chain, *rest = line.split(" ", 2)
+            spec = rest[0] if rest else ""
+            cur.chains.setdefault(chain, KChain(chain)).rules.append(KRule(chain, spec, packets, nbytes))
+    return tables
+
+
+def hook_hash(hook: Hook) -> str:
+    m = HASH_RE.search(hook.render_line())
+    assert m is not None
+    return m.group(1)
+
+
+@dataclass
+class TablePlan:
+    table: str
+    lines: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    rewritten: dict[str, int] = field(default_factory=dict)  # chain -> rule lines written
+    hooks_repaired: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    kept_referenced: list[str] = field(default_factory=list)  # stale but still referenced by others
+
+    def restore_text(self) -> str:
+        return "\n".join([f"*{self.table}", *self.lines, "COMMIT"]) + "\n" if self.lines else ""
+
+
+def _spec_of(line: str, name: str) -> str:
+    prefix = f"-A {name} "
+    assert line.startswith(prefix), line
+    return line[len(prefix):]
+
+
+def plan_chain(chain: Chain, kernel: KChain | None) -> list[str]:
+    """Lines that turn ``kernel`` into ``chain`` (no ``:`` declaration)."""
+    want = list(chain.hashes)
+    lines = chain.render_lines()
+    if kernel is None:
+        return lines
+    have = [r.hash for r in kernel.rules]
+    if have == want:
+        return []
+    out: list[str] = []
+    for i, h in enumerate(want):
+        if i < len(have):
+            if have[i] != h:
+                out.append(f"-R {chain.name} {i + 1} {_spec_of(lines[i], chain.name)}")
+        else:
+            out.append(lines[i])
+    for i in range(len(have), len(want), -1):
+        out.append(f"-D {chain.name} {i}")
+    return out
+
+
+def plan_table(
+    table: str,
+    desired: Mapping[str, Chain],
+    hooks: Iterable[Hook],
+    kernel: KTable | None,
+    sweep: bool,
+) -> TablePlan:
+    plan = TablePlan(table)
+    kernel = kernel or KTable(table)
+    owned = kernel.owned()
+    decl: list[str] = []
+    body: list[str] = []
+    for name in sorted(desired):
+        if not owns_chain(name):
+            raise ValueError(f"desired chain {name!r} in table {table} does not carry our prefix")
+        kch = owned.get(name)
+        if kch is None:
+            decl.append(f":{name} - [0:0]")
+            plan.created.append(name)
+        lines = plan_chain(desired[name], kch)
+        if lines:
+            plan.rewritten[name] = len(lines)
+            body.extend(lines)
+
+    # Hooks in built-in chains.
+    by_chain: dict[str, list[Hook]] = {}
+    for h in hooks:
+        if h.table == table:
+            by_chain.setdefault(h.chain, []).append(h)
+    builtin = {n: c for n, c in kernel.chains.items() if c.builtin}
+    hook_lines: list[str] = []
+    for cname in sorted(set(by_chain) | set(builtin)):
+        want = [hook_hash(h) for h in by_chain.get(cname, [])]
+        kch = builtin.get(cname, KChain(cname, "ACCEPT"))
+        ours = [r for r in kch.rules if r.ours]
+        top = [r.hash for r in kch.rules[: len(want)]]
+        if top == want and len(ours) == len(want):
+            continue
+        if not want and not sweep:
+            continue  # only stale hooks here: they go with the sweep
+        for r in ours:
+            hook_lines.append(f"-D {cname} {r.spec}")
+        for h in reversed(by_chain.get(cname, [])):
+            hook_lines.append(h.render_line())
+        plan.hooks_repaired.append(cname)
+
+    tail: list[str] = []
+    if sweep:
+        stale = sorted(set(owned) - set(desired))
+        # A foreign rule (not ours) that still jumps to a stale chain would make -X fail
+        # and abort the whole table transaction: leave such chains for the operator.
+        foreign_refs = {
+            r.target
+            for c in kernel.chains.values()
+            if not owns_chain(c.name)
+            for r in c.rules
+            if not r.ours and r.target
+        }
+        for name in stale:
+            if name in foreign_refs:
+                plan.kept_referenced.append(name)
+                continue
+            if owned[name].rules:
+                tail.append(f"-F {name}")
+            plan.deleted.append(name)
+        tail.extend(f"-X {name}" for name in plan.deleted)
+    plan.lines = decl + body + hook_lines + tail
+    return plan
+
+
+def cleanup_table(kernel: KTable) -> TablePlan:
+    """Remove every rule and chain of ours from one table, nothing else."""
+    return plan_table(kernel.name, {}, (), kernel, sweep=True)

@@ -1,0 +1,164 @@
+"""Conformance cases as data: load, run the state forward step by step, expand expectations.
+
+A case file (cases/NN-*.yaml) holds ``name``, ``upstream`` (the ginkgo text it ports),
+optional ``note`` and ``sctp_dump``, and ``steps``. Each step may ``apply`` objects
+(full Kubernetes objects), ``delete`` objects ({kind, namespace, name}), ``label``
+namespaces/pods (labels merged into the cluster spec's object), then states what is
+expected afterwards, as upstream's Reachability builder does::
+
+    expect:
+      default: true                 # every pair, every port/protocol
+      rules:                        # in order, later wins (ExpectPeer)
+      - {from: "*", to: "x/a", connected: false}
+      - {from: "y/*", to: "x/a", connected: true, ports: [81], protocols: [TCP]}
+
+Peers: ``*`` (every pod), ``x/*`` (namespace), ``*/a`` (pod name anywhere), ``x/a``.
+Loopback pairs (a pod to itself) are ignored, as upstream ignores them: that traffic
+never leaves the pod's network namespace. ``{ip:NS/POD}`` inside a string is replaced
+by the pod's IPv4 address when the case runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import os
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CASES_DIR = os.path.join(HERE, "cases")
+CLUSTER_SPEC = os.path.join(HERE, "cluster.yaml")
+PORTS = (80, 81)
+PROTOCOLS = ("TCP", "UDP")
+_IP_RE = re.compile(r"\{ip:([a-z0-9-]+/[a-z0-9-]+)\}")
+
+
+@dataclass
+class Case:
+    path: str
+    name: str
+    upstream: str
+    steps: list
+    note: str = ""
+    sctp_dump: dict | None = None
+
+    @property
+    def id(self) -> str:
+        return os.path.basename(self.path)[:-5]
+
+
+@dataclass
+class State:
+    """The cluster's objects after some steps: base spec + applied changes."""
+
+    objects: dict = field(default_factory=dict)  # (kind, ns, name) -> dict
+
+    def copy(self) -> "State":
+        return State(copy.deepcopy(self.objects))
+
+
+def key_of(obj: dict) -> tuple[str, str, str]:
+    meta = obj.get("metadata") or {}
+    ns = "" if obj["kind"] == "Namespace" else meta.get("namespace", "default")
+    return (obj["kind"], ns, meta["name"])
+
+
+def load_cluster(path: str = CLUSTER_SPEC) -> State:
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    return State({key_of(d): d for d in docs})
+
+
+def load_cases(directory: str = CASES_DIR) -> list[Case]:
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".yaml"):
+            continue
+        path = os.path.join(directory, name)
+        with open(path) as f:
+            d = yaml.safe_load(f)
+        out.append(Case(path, d["name"], d["upstream"], d["steps"], d.get("note", ""), d.get("sctp_dump")))
+    return out
+
+
+def pod_names(state: State) -> list[str]:
+    return sorted(f"{ns}/{name}" for (kind, ns, name) in state.objects if kind == "Pod")
+
+
+def substitute(obj, ips: dict[str, str]):
+    """Replace {ip:NS/POD} in every string of obj with the pod's IPv4 address."""
+    if isinstance(obj, str):
+        return _IP_RE.sub(lambda m: ips[m.group(1)], obj)
+    if isinstance(obj, list):
+        return [substitute(o, ips) for o in obj]
+    if isinstance(obj, dict):
+        return {k: substitute(v, ips) for k, v in obj.items()}
+    return obj
+
+
+def step_changes(state: State, step: dict) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    """The objects a step applies (labels turned into full objects) and the keys it deletes."""
+    applied = [copy.deepcopy(o) for o in step.get("apply", [])]
+    for lab in step.get("label", []):
+        ns = "" if lab["kind"] == "Namespace" else lab["namespace"]
+        base = copy.deepcopy(state.objects[(lab["kind"], ns, lab["name"])])
+        meta = base.setdefault("metadata", {})
+        meta["labels"] = {**(meta.get("labels") or {}), **lab["labels"]}
+        applied.append(base)
+    deleted = [(d["kind"], d.get("namespace", ""), d["name"]) for d in step.get("delete", [])]
+    return applied, deleted
+
+
+def advance(state: State, step: dict) -> State:
+    new = state.copy()
+    applied, deleted = step_changes(state, step)
+    for o in applied:
+        new.objects[key_of(o)] = o
+    for k in deleted:
+        new.objects.pop(k, None)
+    return new
+
+
+def _match(pattern: str, pod: str) -> bool:
+    if pattern == "*":
+        return True
+    return fnmatch.fnmatchcase(pod, pattern)
+
+
+def expand(expect: dict, pods: list[str]) -> dict[tuple[int, str], dict[tuple[str, str], bool]]:
+    """{(port, protocol): {(from, to): connected}} for every non-loopback pair."""
+    out: dict = {}
+    for port in PORTS:
+        for proto in PROTOCOLS:
+            m = {(a, b): bool(expect.get("default", True)) for a in pods for b in pods if a != b}
+            for rule in expect.get("rules", []):
+                if "ports" in rule and port not in rule["ports"]:
+                    continue
+                if "protocols" in rule and proto not in rule["protocols"]:
+                    continue
+                for (a, b) in m:
+                    if _match(rule["from"], a) and _match(rule["to"], b):
+                        m[(a, b)] = bool(rule["connected"])
+            out[(port, proto)] = m
+    return out
+
+
+def format_matrix(pods: list[str], results: dict[tuple[str, str], bool], expected=None) -> str:
+    """Rows from, columns to; '.' connected, 'X' blocked, '-' loopback; a wrong cell is marked '!'."""
+    width = max(len(p) for p in pods)
+    lines = [" " * width + " " + " ".join(p.rjust(width) for p in pods)]
+    for a in pods:
+        cells = []
+        for b in pods:
+            if a == b or (a, b) not in results:
+                c = "-"
+            else:
+                c = "." if results[(a, b)] else "X"
+                if expected is not None and expected.get((a, b)) is not None and expected[(a, b)] != results[(a, b)]:
+                    c += "!"
+            cells.append(c.rjust(width))
+        lines.append(a.ljust(width) + " " + " ".join(cells))
+    return "\n".join(lines)
