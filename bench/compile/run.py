@@ -159,6 +159,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--gc-freeze", action="store_true",
+                    help="gc.freeze() after the initial load (moves the loaded objects out of GC scans)")
     args = ap.parse_args()
     logs.configure("console", "warning")
     rng = random.Random(42)
@@ -182,6 +184,9 @@ def main() -> int:
 
     c = Compiler(node).load(snap)
     c.desired()
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
     results = {}
     serial = 10**5
     local_keys = [p.key for p in pods if p.node_name == NODE]
@@ -232,6 +237,21 @@ def main() -> int:
         c.delete_policy(pol.namespace, pol.name)
         c.desired()
     results["policy_add"] = {"op": ms(pa_op), "op+desired": ms(pa_tot)}
+
+    # policy add that selects a local pod (activates the policy: chains and selector sets)
+    pl_op, pl_tot = [], []
+    for r in range(args.reps):
+        key = local_keys[rng.randrange(len(local_keys))]
+        pod = c.pods[key]
+        i = int(key[0].split("-")[1])
+        ns = c.namespaces[key[0]]
+        base = policies_for(i + rng.randrange(1, 5), ns)[rng.randrange(1, 4)]
+        pol = NetworkPolicy(ns.name, f"local-{r}", LabelSelector(Labels({"app": pod.labels["app"]})),
+                            base.policy_types, base.ingress, base.egress)
+        timed(c, lambda pol=pol: c.upsert_policy(pol), pl_op, pl_tot)
+        c.delete_policy(pol.namespace, pol.name)
+        c.desired()
+    results["policy_add_selecting_local_pod"] = {"op": ms(pl_op), "op+desired": ms(pl_tot)}
 
     # the incremental state still equals a full compile of the same objects
     final = ClusterSnapshot.of([*c.namespaces.values(), *c.pods.values(), *c.policies.values()])

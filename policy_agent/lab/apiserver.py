@@ -136,6 +136,13 @@ def start(workdir: str, spawn, record) -> dict:
     return {"server": server, "kubeconfig": kubeconfig, "ca": crt}
 
 
+def _as_json_list(docs: list[dict]) -> str:
+    # JSON, not YAML: kubectl's YAML 1.1 reads an unquoted `y` (namespace y!) as a boolean.
+    import json
+
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
+
+
 def kubectl(kubeconfig: str, *args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([kubectl_bin(), "--kubeconfig", kubeconfig, "--request-timeout=60s", *args],
                           input=input, capture_output=True, text=True, timeout=timeout)
@@ -144,7 +151,7 @@ def kubectl(kubeconfig: str, *args: str, input: str | None = None, timeout: floa
 def apply_objects(kubeconfig: str, docs: list[dict]) -> None:
     if not docs:
         return
-    p = kubectl(kubeconfig, "apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    p = kubectl(kubeconfig, "apply", "-f", "-", input=_as_json_list(docs))
     if p.returncode != 0:
         raise ApiserverError(f"kubectl apply failed: {p.stderr.strip()}")
 
@@ -152,7 +159,7 @@ def apply_objects(kubeconfig: str, docs: list[dict]) -> None:
 def delete_objects(kubeconfig: str, docs: list[dict]) -> None:
     if not docs:
         return
-    p = kubectl(kubeconfig, "delete", "--ignore-not-found", "--wait=false", "-f", "-", input=yaml.safe_dump_all(docs))
+    p = kubectl(kubeconfig, "delete", "--ignore-not-found", "--wait=false", "-f", "-", input=_as_json_list(docs))
     if p.returncode != 0:
         raise ApiserverError(f"kubectl delete failed: {p.stderr.strip()}")
 

@@ -277,7 +277,7 @@ class Lab:
                 pods = [d for d in deleted if d["kind"] == "Pod"]
                 if pods:
                     p = api.kubectl(kc, "delete", "--ignore-not-found", "--grace-period=0", "--force", "-f", "-",
-                                    input=yaml.safe_dump_all(pods))
+                                    input=api._as_json_list(pods))
                     if p.returncode != 0:
                         raise api.ApiserverError(f"kubectl delete failed: {p.stderr.strip()}")
                 api.delete_objects(kc, [d for d in deleted if d["kind"] != "Pod"])

@@ -73,10 +73,14 @@ def requirement_st(keys):
 
 
 def selector_st(keys):
-    return st.builds(
-        lambda ml, reqs: LabelSelector(ml, tuple(sorted(set(reqs), key=Requirement.canonical))),
-        labels_st(keys),
-        st.lists(requirement_st(keys), max_size=2),
+    # Mostly small selectors, so that policies do select pods and peers do match.
+    return st.one_of(
+        st.just(LabelSelector()),
+        st.builds(
+            lambda ml, reqs: LabelSelector(ml, tuple(sorted(set(reqs), key=Requirement.canonical))),
+            st.dictionaries(st.sampled_from(keys), st.sampled_from(("a", "b")), max_size=1).map(Labels),
+            st.lists(requirement_st(keys), max_size=1),
+        ),
     )
 
 
