@@ -8,6 +8,18 @@ import sys
 import structlog
 
 
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is at write time (not at configure time),
+    so a replaced or closed stream (test capture, daemon redirection) never
+    leaves loggers pointing at a dead file."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(fmt: str = "console", level: str = "info", stream=None) -> None:
     """fmt: "console" (human) or "json" (one object per line)."""
     lvl = getattr(logging, level.upper(), None)
@@ -30,6 +42,6 @@ def configure(fmt: str = "console", level: str = "info", stream=None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or _CurrentStderr()),
         cache_logger_on_first_use=False,
     )

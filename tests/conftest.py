@@ -28,3 +28,12 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"kernel/apiserver test skipped in CI: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog():
+    """Entry points configure structlog; don't let one test's set-up leak into the next."""
+    import structlog
+
+    yield
+    structlog.reset_defaults()

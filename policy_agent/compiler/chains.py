@@ -97,28 +97,29 @@ def static_chains(node: NodeConfig, family: int) -> dict[str, Chain]:
 
 
 @lru_cache(maxsize=65536)
-def _goto(field_name: str, iface: str, target: str) -> Rule:
-    return Rule(Match(**{field_name: iface}), Action("GOTO", target), "")
+def _goto(field_name: str, iface: str, target: str, ref: str) -> Rule:
+    return Rule(Match(**{field_name: iface}), Action("GOTO", target), ref)
 
 
 @lru_cache(maxsize=4096)
-def _dispatch_child(name: str, field_name: str, direction: str, group: tuple[str, ...], deny: str) -> Chain:
+def _dispatch_child(name: str, field_name: str, direction: str, group: tuple[tuple[str, str], ...], deny: str) -> Chain:
     target_of = naming.from_workload_chain if direction == "from" else naming.to_workload_chain
     end = Rule(Match(), Action(deny), "unknown interface")
-    return Chain(name, tuple(_goto(field_name, n, target_of(n)) for n in group) + (end,))
+    return Chain(name, tuple(_goto(field_name, n, target_of(n), ref) for n, ref in group) + (end,))
 
 
-def dispatch_chains(node: NodeConfig, ifaces: list[str]) -> dict[str, Chain]:
+def dispatch_chains(node: NodeConfig, endpoints: list[tuple[str, str]]) -> dict[str, Chain]:
     """One-level goto tree (felix dispatch.go): bin by the char after the common prefix.
 
-    Child chains are memoised by content, so adding a pod rebuilds one bin and the root.
+    ``endpoints`` are (interface, "ns/pod") pairs. Child chains are memoised by
+    content, so adding a pod rebuilds one bin and the root.
     """
     out: dict[str, Chain] = {}
-    names = sorted(set(ifaces))
-    cp = os.path.commonprefix(names) if names else ""
-    bins: dict[str, list[str]] = {}
-    for n in names:
-        bins.setdefault(n[len(cp) : len(cp) + 1], []).append(n)
+    items = sorted(set(endpoints))
+    cp = os.path.commonprefix([n for n, _ in items]) if items else ""
+    bins: dict[str, list[tuple[str, str]]] = {}
+    for n, ref in items:
+        bins.setdefault(n[len(cp) : len(cp) + 1], []).append((n, ref))
     for direction, root, field_name, target_of in (
         ("from", CHAIN_FROM_WL_DISPATCH, "in_iface", naming.from_workload_chain),
         ("to", CHAIN_TO_WL_DISPATCH, "out_iface", naming.to_workload_chain),
@@ -128,10 +129,12 @@ def dispatch_chains(node: NodeConfig, ifaces: list[str]) -> dict[str, Chain]:
         for ch in sorted(bins):
             group = bins[ch]
             if len(group) == 1 or ch == "":
-                root_rules += [_goto(field_name, n, target_of(n)) for n in group]
+                root_rules += [_goto(field_name, n, target_of(n), ref) for n, ref in group]
                 continue
             child = naming.dispatch_child_chain(direction, ch)
-            root_rules.append(Rule(Match(**{field_name: f"{cp}{ch}+"}), Action("GOTO", child), ""))
+            root_rules.append(
+                Rule(Match(**{field_name: f"{cp}{ch}+"}), Action("GOTO", child), f"{len(group)} pods on {cp}{ch}+")
+            )
             out[child] = _dispatch_child(child, field_name, direction, tuple(group), node.deny_action)
         out[root] = Chain(root, tuple(root_rules) + (end,))
     return out
@@ -213,9 +216,11 @@ def policy_scopes(policy: NetworkPolicy) -> set[ScopeDef]:
             continue
         for rule in policy.ingress if direction == "ingress" else policy.egress:
             peers = rule.peers or (None,)
+            all_named = bool(rule.ports) and all(isinstance(p.port, str) for p in rule.ports)
             for peer in peers:
                 sc = peer_scope(policy, peer) if peer is not None else None
-                if sc is not None:
+                # an egress rule whose ports are all named uses only the named-port sets
+                if sc is not None and not (direction == "egress" and all_named):
                     out.add(sc)
                 for port in rule.ports:
                     if isinstance(port.port, str):
@@ -285,5 +290,7 @@ def policy_chain(node: NodeConfig, family: int, policy: NetworkPolicy, direction
                     comment += f" port {k}"
                 rules_out.append(Rule(Match(**fields), _mark_set(node), comment))
     name = naming.policy_chain(policy.namespace, policy.name, direction)
-    out.chains[name] = Chain(name, tuple(rules_out))
+    chain = out.chains[name] = Chain(name, tuple(rules_out))
+    used = chain.ipsets
+    out.scopes = {n: d for n, d in out.scopes.items() if n in used}
     return out

@@ -24,7 +24,7 @@ import structlog
 
 from policy_agent.compiler import chains as ch
 from policy_agent.compiler.options import NodeConfig
-from policy_agent.compiler.scopes import ScopeDef, eligible
+from policy_agent.compiler.scopes import ScopeDef, eligible, selector_matches
 from policy_agent.desired import FILTER, Chain, DesiredState, Hook, IPSet, LocalEndpoint
 from policy_agent.model.types import (
     NAMESPACE_NAME_LABEL,
@@ -74,6 +74,9 @@ class Compiler:
         self._nssel_scopes: set[ScopeDef] = set()
         self._plain_members: dict[PodKey, tuple[tuple[int, str], ...]] = {}  # pod -> its /32 and /128 members
         self._plain_of: dict[PodKey, Pod] = {}
+        self._changed_scopes: set[ScopeDef] = set()  # members changed since the last desired()
+        self._pod_labels: dict[PodKey, dict[str, str]] = {}  # plain dicts for fast matching
+        self._ns_plain: dict[str, dict[str, str]] = {}
         # output caches
         self._static = {f: ch.static_chains(node, f) for f in (4, 6)}
         self._ep_dirty: set[PodKey] = set()
@@ -97,9 +100,11 @@ class Compiler:
 
     # --- namespaces ---------------------------------------------------------------
 
-    def _ns_labels(self, name: str) -> Labels:
-        ns = self.namespaces.get(name)
-        return ns.labels if ns is not None else Labels({NAMESPACE_NAME_LABEL: name})
+    def _ns_labels(self, name: str) -> dict[str, str]:
+        d = self._ns_plain.get(name)
+        if d is None:
+            d = {NAMESPACE_NAME_LABEL: name}  # a namespace we have not seen (yet)
+        return d
 
     def upsert_namespace(self, ns: Namespace) -> None:
         if NAMESPACE_NAME_LABEL not in ns.labels:
@@ -107,11 +112,13 @@ class Compiler:
             ns = Namespace(ns.name, Labels({**ns.labels, NAMESPACE_NAME_LABEL: ns.name}), ns.resource_version)
         old = self.namespaces.get(ns.name)
         self.namespaces[ns.name] = ns
+        self._ns_plain[ns.name] = dict(ns.labels.items_tuple())
         if old is None or old.labels != ns.labels:
             self._refresh_ns(ns.name)
 
     def delete_namespace(self, name: str) -> None:
         if self.namespaces.pop(name, None) is not None:
+            del self._ns_plain[name]
             self._refresh_ns(name)
 
     def _refresh_ns(self, name: str) -> None:
@@ -120,7 +127,7 @@ class Compiler:
         for defn in self._nssel_scopes:
             st = self._scopes[defn]
             assert defn.ns_selector is not None
-            now = defn.ns_selector.matches(labels)
+            now = selector_matches(defn.ns_selector, labels)
             if now == (name in st.matched_ns):
                 continue
             if now:
@@ -149,6 +156,8 @@ class Compiler:
         if old == pod:
             return
         self.pods[key] = pod
+        if old is None or old.labels is not pod.labels:
+            self._pod_labels[key] = dict(pod.labels.items_tuple())
         ns_pods = self._pods_by_ns.get(pod.namespace)
         if ns_pods is None:
             ns_pods = self._pods_by_ns[pod.namespace] = set()
@@ -166,6 +175,7 @@ class Compiler:
             return
         self._plain_members.pop(key, None)
         self._plain_of.pop(key, None)
+        self._pod_labels.pop(key, None)
         ns_pods = self._pods_by_ns.get(namespace)
         if ns_pods is not None:
             ns_pods.discard(key)
@@ -189,7 +199,7 @@ class Compiler:
             self._local.add(key)
             self._local_by_ns.setdefault(ns, set()).add(key)
             sel = {
-                pk for pk in self._pols_by_ns.get(ns, ()) if self.policies[pk].pod_selector.matches(pod.labels)
+                pk for pk in self._pols_by_ns.get(ns, ()) if selector_matches(self.policies[pk].pod_selector, self._pod_labels[key])
             }
         else:
             if key in self._local:
@@ -228,7 +238,7 @@ class Compiler:
         selected = {
             pk
             for pk in self._local_by_ns.get(pol.namespace, ())
-            if pol.pod_selector.matches(self.pods[pk].labels)
+            if selector_matches(pol.pod_selector, self._pod_labels[pk])
         }
         self._pol_selected[key] = selected
         for pk in selected:
@@ -290,7 +300,7 @@ class Compiler:
             assert d.ns_selector is not None
             self._nssel_scopes.add(d)
             candidates = set(self._pods_by_ns)  # a namespace without pods adds no member
-            names = [n for n in candidates if d.ns_selector.matches(self._ns_labels(n))]
+            names = [n for n in candidates if selector_matches(d.ns_selector, self._ns_labels(n))]
         for n in names:
             st.matched_ns.add(n)
             self._ns_index.setdefault(n, set()).add(d)
@@ -307,7 +317,7 @@ class Compiler:
 
     def _scope_pod(self, st: _Scope, key: PodKey, pod: Pod | None) -> None:
         d = st.defn
-        if pod is not None and eligible(pod) and d.pod_selector.matches(pod.labels):
+        if pod is not None and eligible(pod) and selector_matches(d.pod_selector, self._pod_labels[key]):
             if d.named_port is None:
                 new = self._plain_members.get(key)
                 if new is None or self._plain_of.get(key) is not pod:
@@ -333,6 +343,7 @@ class Compiler:
             c = st.counts[fam]
             c[m] = c.get(m, 0) + 1
             st.cache.pop(fam, None)
+        self._changed_scopes.add(d)
         if new:
             st.pod_members[key] = new
         else:
@@ -425,7 +436,7 @@ class Compiler:
         t.dirty.clear()
         if t.ifaces_dirty:
             t.ifaces_dirty = False
-            ifaces = tuple(sorted(v.iface for v, _ in self._ep_fam[family].values()))
+            ifaces = tuple(sorted((v.iface, v.ref) for v, _ in self._ep_fam[family].values()))
             if ifaces != t.dispatch_key:
                 t.dispatch_key = ifaces
                 t.put(("dispatch",), ch.Built(chains=ch.dispatch_chains(self.node, list(ifaces))))
@@ -439,9 +450,17 @@ class Compiler:
             t = self._tables[family]
             chains[(family, FILTER)] = t.output()
             ipsets.update(t.static_sets)
-            for d in t.scope_refs:
-                s = self._scope_ipset(d, family)
-                ipsets[s.name] = s
+            for d in t.scopes_gone:
+                if d not in t.scope_refs:
+                    t.scope_sets.pop(d.set_name(family), None)
+            for d in t.scopes_new | (self._changed_scopes & t.scope_refs.keys()):
+                if d in t.scope_refs:
+                    s = self._scope_ipset(d, family)
+                    t.scope_sets[s.name] = s
+            t.scopes_gone.clear()
+            t.scopes_new.clear()
+            ipsets.update(t.scope_sets)
+        self._changed_scopes.clear()
         return DesiredState(chains, _HOOKS, dict(sorted(ipsets.items())), self._endpoints)
 
 
@@ -466,8 +485,11 @@ class _FamilyTable:
         self.pol_refs: Counter = Counter()  # ("pol", ref, direction) -> endpoints referencing it
         self.dirty: set[tuple] = set()
         self.ifaces_dirty = True
-        self.dispatch_key: tuple[str, ...] | None = None
+        self.dispatch_key: tuple[tuple[str, str], ...] | None = None
         self._out: dict[str, Chain] | None = None
+        self.scope_sets: dict[str, IPSet] = {}  # cached ipsets of scope_refs
+        self.scopes_new: set[ScopeDef] = set()  # referenced since the last desired()
+        self.scopes_gone: set[ScopeDef] = set()  # no longer referenced since then
 
     def put(self, owner: tuple, built: ch.Built | None) -> None:
         old = self.owners.get(owner)
@@ -487,6 +509,7 @@ class _FamilyTable:
                 self.scope_refs[d] -= 1
                 if not self.scope_refs[d]:
                     del self.scope_refs[d]
+                    self.scopes_gone.add(d)
         if built is not None:
             self.owners[owner] = built
             self.chains.update(built.chains)
@@ -495,6 +518,8 @@ class _FamilyTable:
                 self.static_sets[name] = s
             for d in built.scopes.values():
                 self.scope_refs[d] += 1
+                if self.scope_refs[d] == 1:
+                    self.scopes_new.add(d)
 
     def output(self) -> dict[str, Chain]:
         """A fresh sorted dict (earlier DesiredStates stay unchanged); cached until a change."""

@@ -76,6 +76,21 @@ class ScopeDef:
 ALL_PODS = ScopeDef(None, MATCH_ALL, MATCH_ALL)
 
 
+def selector_matches(selector: LabelSelector, labels: dict[str, str]) -> bool:
+    """LabelSelector.matches on a plain dict: the hot loop of the label index.
+
+    Same meaning as the model's method (tested against it); avoids the Mapping ABC
+    on every lookup.
+    """
+    for k, v in selector.match_labels.items_tuple():
+        if labels.get(k) != v:
+            return False
+    for r in selector.match_expressions:
+        if not r.matches(labels):
+            return False
+    return True
+
+
 def peer_scope(policy: NetworkPolicy, peer: Peer) -> ScopeDef | None:
     """The pods a selector peer stands for; None for an ipBlock peer."""
     if peer.ip_block is not None:

@@ -524,11 +524,24 @@ class Lab:
                 gen_ok = st["applied_generation"] >= st["observed_generation"]
             quiet = st.get("pending_events", 1) == 0 and st.get("in_sync", False)
             applied_after = (st.get("last_apply_time") or 0) >= since_wall
-            if quiet and gen_ok and (applied_after or time.monotonic() >= settle_until) and self.in_sync():
+            if quiet and gen_ok and self._counts_match(st) and (applied_after or time.monotonic() >= settle_until) \
+                    and self.in_sync():
                 return
             time.sleep(0.05)
         raise LabError(f"agent of lab {self.name} did not enforce the change within {timeout:.0f}s "
                        f"(see {self.path('logs', 'agent.log')})")
+
+    def _counts_match(self, st: dict) -> bool:
+        """With the manifest source the agent's object counts must equal ours (an apply that
+        ran before the source read our files shows the old counts)."""
+        if self.apiserver is not None:
+            return True
+        counts = st.get("counts") or {}
+        for kind, key in (("Namespace", "namespaces"), ("Pod", "pods"), ("NetworkPolicy", "policies")):
+            want = sum(1 for k in self.objects if k.startswith(kind + "/"))
+            if key in counts and counts[key] != want:
+                return False
+        return True
 
     # --- changes ------------------------------------------------------------------------
 
@@ -572,7 +585,7 @@ class Lab:
                     gone.append(self.objects.pop(k))
                     removed.append(k)
         since = time.time()
-        self._publish([], gone)  # the agent drops the pods' rules before the interfaces go
+        self._publish([], gone)  # objects first, then the pods' interfaces (CNI DEL) go
         self.save()
         for k in removed:
             if k.startswith("Pod/"):

@@ -84,7 +84,8 @@ class LinkSource:
         while not self._stopping:
             ipr = None
             try:
-                ipr = AsyncIPRoute(netns=self.netns) if self.netns else AsyncIPRoute()
+                # flags=0: attach to an existing netns, never create one (pyroute2 defaults to O_CREAT).
+                ipr = AsyncIPRoute(netns=self.netns, flags=0) if self.netns else AsyncIPRoute()
                 await ipr.bind()
                 links = {}
                 async for msg in await ipr.link("dump"):

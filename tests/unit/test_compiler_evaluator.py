@@ -287,3 +287,26 @@ def test_goto_returns_to_the_caller_of_the_jumping_chain():
     t = walk(state, "FORWARD", Packet("10.0.0.1", "10.0.0.2"))
     assert t.verdict == "ACCEPT"
     assert [c for c, _ in t.rules] == ["pa-A", "pa-B", "pa-C", "pa-C", "pa-A"]
+
+
+def assert_well_formed(state: DesiredState) -> None:
+    """Every jump target and ipset exists, nothing unreferenced is rendered, families match."""
+    roots = {h.target for h in state.hooks}
+    referenced_sets: set[str] = set()
+    for (family, _), table in state.chains.items():
+        reachable, todo = set(), [r for r in roots if r in table]
+        while todo:
+            name = todo.pop()
+            if name in reachable:
+                continue
+            reachable.add(name)
+            chain = table[name]
+            for t in chain.references:
+                assert t in table, f"{name} jumps to missing {t}"
+                todo.append(t)
+            for s in chain.ipsets:
+                assert s in state.ipsets, f"{name} uses missing ipset {s}"
+                assert state.ipsets[s].family == family, f"{name} (IPv{family}) uses {s}"
+            referenced_sets |= chain.ipsets
+        assert reachable == set(table), f"unreachable chains: {set(table) - reachable}"
+    assert referenced_sets == set(state.ipsets), f"unreferenced ipsets: {set(state.ipsets) - referenced_sets}"

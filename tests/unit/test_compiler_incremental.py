@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from test_compiler_evaluator import (
     NODE,
     allowed,
+    assert_well_formed,
     external_to_pod,
     make_ns,
     make_pod,
@@ -158,6 +159,7 @@ def test_incremental_equals_full_compile_after_random_changes(seed):
             inc = c.desired()
             full = compile(ClusterSnapshot.of(_current_objects(c)), node)
             assert inc == full, f"seed {seed} step {step}"
+            assert_well_formed(inc)
             for f in (4, 6):
                 assert render_iptables_save(inc, f) == render_iptables_save(full, f)
             assert render_ipset_restore(inc) == render_ipset_restore(full)
@@ -261,6 +263,7 @@ def test_verdicts_agree_with_reference_semantics(seed):
     rng = random.Random(seed)
     objs = gen_cluster(rng, npods=8, npols=rng.randint(1, 5))
     state = compile(ClusterSnapshot.of(objs), node_config())
+    assert_well_formed(state)
     again = compile(ClusterSnapshot.of(list(reversed(objs))), node_config())
     assert render_iptables_save(state, 4) + render_iptables_save(state, 6) == \
         render_iptables_save(again, 4) + render_iptables_save(again, 6)

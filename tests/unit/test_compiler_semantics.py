@@ -240,6 +240,9 @@ def test_egress_named_port_to_a_remote_pod_and_to_an_ipblock():
         ],
     )
     s = state_of(*NS, *PODS, remote, pol)
+    referenced = set().union(*(c.ipsets for t in s.chains.values() for c in t.values()))
+    assert referenced == set(s.ipsets)  # no selector set besides the named-port set
+    assert not [n for n in s.ipsets if n.startswith("pa4s-")]
     assert flows_ok(s, WEB, remote, dport=7000)
     assert not flows_ok(s, WEB, remote, dport=7001)
     assert not allowed(pod_to_external(s, WEB, "10.233.9.9", dport=7000))  # not a pod with that port
@@ -406,9 +409,9 @@ def test_every_rule_names_its_origin():
         "default/web-allow ingress rule 0 peer 1 port 0",
         "default/web-allow ingress rule 0 peer 1 port 1",
     ]
-    policy_free = [r for t in s.chains.values() for c in t.values() for r in c.rules
-                   if not r.comment and not c.name.startswith(("pa-from-wl-dispatch", "pa-to-wl-dispatch"))]
-    assert policy_free == []
+    assert [r for t in s.chains.values() for c in t.values() for r in c.rules if not r.comment] == []
+    disp = s.table(4)[naming.CHAIN_TO_WL_DISPATCH]
+    assert {r.comment for r in disp.rules} == {"default/web", "default/db", "unknown interface"}
 
 
 def test_output_is_deterministic_whatever_the_input_order():

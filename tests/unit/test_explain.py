@@ -270,3 +270,69 @@ def test_flow_errors():
         explain_state_flow(s, snap, "a/one", "node")
     with pytest.raises(ExplainError, match="neither"):
         explain_state_flow(s, snap, "a/one", "garbage")
+
+
+# --- the CLI, end to end through compile ------------------------------------------------
+
+CLUSTER = """\
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {team: a}}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: a, namespace: x, labels: {app: a}}
+  spec: {nodeName: n1, containers: [{name: c, ports: [{containerPort: 8080, name: http}]}]}
+  status: {phase: Running, podIPs: [{ip: 10.233.0.5}]}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: b, namespace: x, labels: {app: b}}
+  spec: {nodeName: n1, containers: [{name: c}]}
+  status: {phase: Running, podIPs: [{ip: 10.233.0.6}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: b}}}], ports: [{port: http}]}]
+"""
+
+
+def _cli(argv):
+    from policy_agent.cli import main
+
+    return main(["--log-level", "error"] + argv)
+
+
+def test_cli_allowed_and_denied(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text(CLUSTER)
+    rc = _cli(["explain", "--node", "n1", "--from", "x/b", "--to", "x/a", "--port", "8080", str(f)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "is ALLOWED on node n1" in out and "x/allow-b ingress rule 0" in out and "verdict: ACCEPT" in out
+    rc = _cli(["explain", "--node", "n1", "--from", "x/b", "--to", "x/a", "--port", "80", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 1 and "is DENIED" in out and "verdict: DROP" in out
+    assert "x/a: no ingress policy allowed the packet" in out
+    # a's egress is open, b is not isolated for ingress
+    rc = _cli(["explain", "--node", "n1", "--from", "10.233.0.5", "--to", "x/b", "--protocol", "udp", "--port", "53", str(f)])
+    assert rc == 0 and "UDP 10.233.0.5 -> 10.233.0.6:53 (x/a to x/b)" in capsys.readouterr().out
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text(CLUSTER.replace("containerPort: 8080", "containerPort: 0"))
+    rc = _cli(["explain", "--node", "n1", "--from", "x/b", "--to", "x/a", str(f)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Pod x/a: spec.containers[0].ports[0].containerPort" in err and str(f) in err
+    # --keep-going: the bad pod is skipped, so x/a is unknown
+    rc = _cli(["explain", "--keep-going", "--node", "n1", "--from", "x/b", "--to", "x/a", str(f)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "containerPort" in err and "pod x/a is not in the input" in err
+    rc = _cli(["explain", "--node", "n1", "--from", "x/b", "--to", "x/a", str(tmp_path / "missing.yaml")])
+    assert rc == 2 and "cannot read" in capsys.readouterr().err
