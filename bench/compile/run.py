@@ -110,11 +110,11 @@ def policies_for(i: int, ns: Namespace) -> list[NetworkPolicy]:
     ]
 
 
-def workload(seed: int = 1):
+def workload(seed: int = 1, n_ns: int = N_NS, n_local: int = LOCAL):
     rng = random.Random(seed)
-    namespaces = [ns_obj(i, rng) for i in range(N_NS)]
-    total = N_NS * PODS_PER_NS
-    local = set(rng.sample(range(total), LOCAL))
+    namespaces = [ns_obj(i, rng) for i in range(n_ns)]
+    total = n_ns * PODS_PER_NS
+    local = set(rng.sample(range(total), n_local))
     pods, pols = [], []
     for i, ns in enumerate(namespaces):
         for j in range(PODS_PER_NS):
@@ -159,12 +159,15 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--namespaces", type=int, default=N_NS, help="namespaces (20 pods, 4 policies each)")
+    ap.add_argument("--local", type=int, default=LOCAL, help="pods on the measured node")
     ap.add_argument("--gc-freeze", action="store_true",
                     help="gc.freeze() after the initial load (moves the loaded objects out of GC scans)")
     args = ap.parse_args()
     logs.configure("console", "warning")
     rng = random.Random(42)
-    namespaces, pods, pols = workload()
+    namespaces, pods, pols = workload(n_ns=args.namespaces, n_local=args.local)
+    n_ns = len(namespaces)
     snap = ClusterSnapshot.of([*namespaces, *pods, *pols])
     node = NodeConfig(NODE)
 
@@ -194,7 +197,7 @@ def main() -> int:
     # pod add (remote and local, alternating) then delete (delete timed separately)
     add_op, add_tot, del_op, del_tot = [], [], [], []
     for r in range(args.reps):
-        ns = namespaces[rng.randrange(N_NS)].name
+        ns = namespaces[rng.randrange(n_ns)].name
         serial += 1
         p = pod_obj(ns, rng.randrange(PODS_PER_NS), serial, NODE if r % 2 else "node-7", rng)
         p = Pod(p.namespace, f"new-{serial}", p.labels, p.node_name, p.ips, p.ports, phase="Running")
@@ -218,7 +221,7 @@ def main() -> int:
     # namespace label change (team and env flip: moves 20 pods in/out of namespace-selector sets)
     nsl_op, nsl_tot = [], []
     for _ in range(args.reps):
-        old = c.namespaces[namespaces[rng.randrange(N_NS)].name]
+        old = c.namespaces[namespaces[rng.randrange(n_ns)].name]
         labels = dict(old.labels)
         labels["team"] = f"t{rng.randrange(25)}"
         labels["env"] = rng.choice(("prod", "stage", "dev"))
@@ -229,7 +232,7 @@ def main() -> int:
     # policy add (new name in a random namespace; then removed again)
     pa_op, pa_tot = [], []
     for r in range(args.reps):
-        i = rng.randrange(N_NS)
+        i = rng.randrange(n_ns)
         ns = c.namespaces[namespaces[i].name]
         base = policies_for(i + rng.randrange(1, 5), ns)[rng.randrange(1, 4)]
         pol = NetworkPolicy(ns.name, f"extra-{r}", base.pod_selector, base.policy_types, base.ingress, base.egress)
@@ -261,7 +264,7 @@ def main() -> int:
     out = {
         "machine": {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "python": sys.version.split()[0], "platform": platform.platform(),
                     "cpu": _cpu_model()},
-        "workload": {"namespaces": N_NS, "pods": len(pods), "policies": len(pols), "local_pods": LOCAL},
+        "workload": {"namespaces": n_ns, "pods": len(pods), "policies": len(pols), "local_pods": args.local},
         "output_shape": shape,
         "full_compile": {"runs_s": [round(x, 3) for x in full], "median_s": round(statistics.median(full), 3)},
         "incremental": results,

@@ -52,8 +52,9 @@ def _files(paths: list[str]) -> list[Path]:
     return out
 
 
-def load_snapshot(paths: list[str], keep_going: bool, ignore_unknown: bool, err=sys.stderr) -> ClusterSnapshot | None:
+def load_snapshot(paths: list[str], keep_going: bool, ignore_unknown: bool, err=None) -> ClusterSnapshot | None:
     """Read every file into one snapshot; print errors; None when input is unusable."""
+    err = err or sys.stderr
     objects: list = []
     failed = False
     for f in _files(paths):
@@ -79,7 +80,8 @@ def load_snapshot(paths: list[str], keep_going: bool, ignore_unknown: bool, err=
     return ClusterSnapshot.of(objects)
 
 
-def run(args, out=sys.stdout, err=sys.stderr) -> int:
+def run(args, out=None, err=None) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
     from policy_agent.compiler.options import NodeConfig
     from policy_agent.explain import ExplainError, explain_flow
 

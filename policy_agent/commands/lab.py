@@ -28,7 +28,9 @@ def register(sub) -> None:
         return sp
 
     up = common(lsub.add_parser("up", help="create the lab from Namespaces and Pods"))
-    up.add_argument("--spec", required=True, help="Kubernetes YAML with Namespaces and Pods (NetworkPolicies optional)")
+    up.add_argument("--spec", required=True,
+                    help="Kubernetes YAML with Namespaces and Pods (NetworkPolicies optional); a pod whose "
+                         "spec.nodeName names another node than lab-NAME is a remote peer")
     up.add_argument("--no-agent", action="store_true", help="do not start the agent (everything stays open)")
     up.add_argument("--apiserver", action="store_true", help="watch a real kube-apiserver inside the lab")
     up.add_argument("--timeout", type=float, default=180.0)

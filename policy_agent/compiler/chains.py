@@ -108,11 +108,17 @@ def _dispatch_child(name: str, field_name: str, direction: str, group: tuple[tup
     return Chain(name, tuple(_goto(field_name, n, target_of(n), ref) for n, ref in group) + (end,))
 
 
+@lru_cache(maxsize=1024)
+def _bin_rule(field_name: str, direction: str, pattern: str, ch: str, count: int) -> tuple[str, Rule]:
+    child = naming.dispatch_child_chain(direction, ch)
+    return child, Rule(Match(**{field_name: pattern}), Action("GOTO", child), f"{count} pods on {pattern}")
+
+
 def dispatch_chains(node: NodeConfig, endpoints: list[tuple[str, str]]) -> dict[str, Chain]:
     """One-level goto tree (felix dispatch.go): bin by the char after the common prefix.
 
-    ``endpoints`` are (interface, "ns/pod") pairs. Child chains are memoised by
-    content, so adding a pod rebuilds one bin and the root.
+    ``endpoints`` are (interface, "ns/pod") pairs. Rules and child chains are
+    memoised by content, so adding a pod builds one bin and the root's tuple.
     """
     out: dict[str, Chain] = {}
     items = sorted(set(endpoints))
@@ -120,24 +126,31 @@ def dispatch_chains(node: NodeConfig, endpoints: list[tuple[str, str]]) -> dict[
     bins: dict[str, list[tuple[str, str]]] = {}
     for n, ref in items:
         bins.setdefault(n[len(cp) : len(cp) + 1], []).append((n, ref))
+    groups = [(c, tuple(bins[c])) for c in sorted(bins)]
+    deny = _deny(node)
     for direction, root, field_name, target_of in (
-        ("from", CHAIN_FROM_WL_DISPATCH, "in_iface", naming.from_workload_chain),
-        ("to", CHAIN_TO_WL_DISPATCH, "out_iface", naming.to_workload_chain),
+        ("from", CHAIN_FROM_WL_DISPATCH, "in_iface", _fw_name),
+        ("to", CHAIN_TO_WL_DISPATCH, "out_iface", _tw_name),
     ):
-        end = Rule(Match(), _deny(node), "unknown interface")
         root_rules: list[Rule] = []
-        for ch in sorted(bins):
-            group = bins[ch]
-            if len(group) == 1 or ch == "":
+        for c, group in groups:
+            if len(group) == 1 or c == "":
                 root_rules += [_goto(field_name, n, target_of(n), ref) for n, ref in group]
                 continue
-            child = naming.dispatch_child_chain(direction, ch)
-            root_rules.append(
-                Rule(Match(**{field_name: f"{cp}{ch}+"}), Action("GOTO", child), f"{len(group)} pods on {cp}{ch}+")
-            )
-            out[child] = _dispatch_child(child, field_name, direction, tuple(group), node.deny_action)
-        out[root] = Chain(root, tuple(root_rules) + (end,))
+            child, rule = _bin_rule(field_name, direction, f"{cp}{c}+", c, len(group))
+            root_rules.append(rule)
+            out[child] = _dispatch_child(child, field_name, direction, group, node.deny_action)
+        out[root] = Chain(root, tuple(root_rules) + (_end_rule(deny),))
     return out
+
+
+_fw_name = lru_cache(maxsize=65536)(naming.from_workload_chain)
+_tw_name = lru_cache(maxsize=65536)(naming.to_workload_chain)
+
+
+@lru_cache(maxsize=8)
+def _end_rule(deny: Action) -> Rule:
+    return Rule(Match(), deny, "unknown interface")
 
 
 # --- endpoint chains -----------------------------------------------------------------

@@ -8,10 +8,12 @@ State kept (all keyed, nothing recomputed wholesale on an event):
   ref-counted, holding its members per family; ``_ns_index`` maps a namespace
   to the scopes that cover it, so a pod event touches only those scopes and a
   namespace label change only re-tests the namespace-selector scopes.
-``desired()`` assembles the DesiredState from cached chains: a policy chain is
-rebuilt only when its policy object changed, an endpoint chain only when the
-endpoint's view (addresses, policy list) changed, an ipset only when its
-members changed.
+``desired()`` keeps, per family, the output as a sum of per-owner contributions
+(each endpoint, each (policy, direction), the dispatch tree) and swaps only the
+owners an event touched: a policy chain is rebuilt only when its policy changed,
+an endpoint chain only when the endpoint's view (addresses, policy lists)
+changed, an ipset only when its members changed. A remote pod or a namespace
+event therefore changes ipset members and nothing else.
 """
 
 from __future__ import annotations

@@ -14,6 +14,14 @@ Rules and theory
   that same transaction, then (4) stale sets destroyed once no rule in the
   kernel references them, then (5) once, our leftovers in the *other*
   iptables backend removed.
+* Cost follows the change, not the state: after a successful apply the
+  DesiredState is remembered, and the next apply only plans chains and sets
+  whose objects differ from it (identity first, then equality; the compiler
+  keeps unchanged chains and sets as the same objects), validates only those
+  (reference counts catch removals), skips tables and families with nothing to
+  write, and rewrites the ``dump`` metadata file only when endpoints or set
+  origins changed. Without a remembered state (first apply, refresh, after a
+  failure) every chain is compared with the kernel by hash.
 * Never flush at start or exit: a new process with the same desired state
   finds every hash in place and writes nothing; a new desired state replaces
   chains atomically per table while the old rules keep enforcing.
@@ -30,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,7 +49,7 @@ from policy_agent.dataplane import ipsets as ips
 from policy_agent.dataplane.backend import detect_backend, other_backend
 from policy_agent.dataplane.kernel import Kernel, SystemKernel, legacy_available
 from policy_agent.dataplane.runner import CommandError, Runner
-from policy_agent.desired import DesiredState
+from policy_agent.desired import Chain, DesiredState, IPSet
 from policy_agent.shared.naming import owns_chain
 
 log = structlog.get_logger(__name__)
@@ -115,6 +124,89 @@ def _validate(desired: DesiredState) -> None:
             raise ValueError(f"hook {hook.chain} -> {hook.target} targets a chain that is not desired")
 
 
+def _refs_of(c: Chain, family: int, table: str) -> list[tuple]:
+    """What one chain references, as keys of the reference counter."""
+    return [("c", family, table, t) for t in c.references] + [("s", family, n) for n in c.ipsets]
+
+
+def _build_refs(desired: DesiredState) -> Counter:
+    refs: Counter = Counter()
+    for (family, table), chains in desired.chains.items():
+        for c in chains.values():
+            refs.update(_refs_of(c, family, table))
+    return refs
+
+
+def _differs(new: object, old: object) -> bool:
+    return new is not old and new != old
+
+
+@dataclass
+class _Delta:
+    """What differs between the remembered (last applied) state and a new one."""
+
+    prev: DesiredState
+    refs: Counter  # reference counts of the new state
+    chains: dict[tuple[int, str], list[str]]  # (family, table) -> new or changed chain names
+    sets: dict[str, IPSet]  # new or changed sets
+    meta_changed: bool  # endpoints or a set's name/origin/type/family changed (dump metadata)
+
+
+def _diff(prev: DesiredState, desired: DesiredState, refs: Counter) -> _Delta:
+    """Changed chains and sets, with the reference counts updated and checked; raises
+    ValueError (via the full _validate, for its message) if the new state is broken."""
+    refs = Counter(refs)
+    chains: dict[tuple[int, str], list[str]] = {}
+    bad = False
+    removed_chains: list[tuple] = []
+    for key in desired.chains.keys() | prev.chains.keys():
+        new, old = desired.chains.get(key, {}), prev.chains.get(key, {})
+        if new is old:
+            continue
+        family, table = key
+        changed = []
+        for name, c in new.items():
+            o = old.get(name)
+            if o is c or (o is not None and o == c):
+                continue
+            changed.append(name)
+            if o is not None:
+                refs.subtract(_refs_of(o, family, table))
+            refs.update(_refs_of(c, family, table))
+            if any(owns_chain(t) and t not in new for t in c.references):
+                bad = True
+            for n in c.ipsets:
+                s = desired.ipsets.get(n)
+                if s is None or s.family != family:
+                    bad = True
+        for name in old.keys() - new.keys():
+            refs.subtract(_refs_of(old[name], family, table))
+            removed_chains.append(("c", family, table, name))
+        if changed:
+            chains[key] = changed
+    if any(refs[k] > 0 for k in removed_chains):
+        bad = True
+    sets = {n: s for n, s in desired.ipsets.items() if _differs(s, prev.ipsets.get(n))}
+    gone = prev.ipsets.keys() - desired.ipsets.keys()
+    for n in gone:
+        if refs[("s", 4, n)] > 0 or refs[("s", 6, n)] > 0:
+            bad = True
+    for n, s in sets.items():
+        if refs[("s", 10 - s.family, n)] > 0:  # referenced from the other family
+            bad = True
+    meta = bool(gone) or _differs(desired.endpoints, prev.endpoints) or any(
+        (o := prev.ipsets.get(n)) is None or (o.origin, o.family, o.type) != (s.origin, s.family, s.type)
+        for n, s in sets.items()
+    )
+    if bad or desired.hooks != prev.hooks:
+        _validate(desired)  # raises with the offending names
+    else:
+        for hook in desired.hooks:  # cheap: a handful of hooks
+            if not any(hook.target in desired.table(f, hook.table) for f in (4, 6)):
+                _validate(desired)
+    return _Delta(prev, +refs, chains, sets, meta)
+
+
 def _hooks(desired: DesiredState, family: int) -> tuple:
     # Hooks apply to both families, but only where their target chain exists (IPv6 may be off).
     return tuple(h for h in desired.hooks if h.target in desired.table(family, h.table))
@@ -147,6 +239,12 @@ class Dataplane:
         self._sets: dict[str, ips.KSet] | None = None
         self._desired: DesiredState | None = None
         self._sweep_ok = False
+        # The last state written completely, with the reference counts of its chains:
+        # the kernel cache equals it (plus stale leftovers), so the next apply plans only
+        # what differs from it. None: compare everything with the cache.
+        self._applied: DesiredState | None = None
+        self._refs: Counter | None = None
+        self._state_text: str | None = None  # last metadata file content written
 
     # --- kernel access --------------------------------------------------------
 
@@ -168,29 +266,37 @@ class Dataplane:
     def invalidate(self) -> None:
         self._ipt = None
         self._sets = None
+        self._applied = None
 
     # --- public operations ----------------------------------------------------
 
     def apply(self, desired: DesiredState, allow_sweep: bool = False) -> ApplyReport:
         """Program ``desired``. ``allow_sweep``: every source is in sync, remove stale state."""
-        _validate(desired)
+        delta = self._check(desired)
         self._desired = desired
         self._sweep_ok = self._sweep_ok or allow_sweep
-        return self._converge(desired, self._sweep_ok)
+        return self._converge(desired, self._sweep_ok, delta)
+
+    def _check(self, desired: DesiredState) -> _Delta | None:
+        """Validate ``desired``; against the remembered state only what changed."""
+        if self._applied is not None and self._refs is not None and self._ipt is not None:
+            return _diff(self._applied, desired, self._refs)
+        _validate(desired)
+        return None
 
     def sweep(self) -> ApplyReport:
         """Caller says every source is in sync: remove our stale chains and sets."""
         if self._desired is None:
             raise DataplaneError("sweep() before the first apply(): nothing is known to be desired")
         self._sweep_ok = True
-        return self._converge(self._desired, True)
+        return self._converge(self._desired, True, self._check(self._desired))
 
     def refresh(self) -> ApplyReport:
         """Re-read the kernel and repair whatever someone else changed; logs each repair."""
         if self._desired is None:
             return ApplyReport(backend=self.backend)
         self.invalidate()
-        report = self._converge(self._desired, self._sweep_ok)
+        report = self._converge(self._desired, self._sweep_ok, None)
         if report.changed:
             log.warning("dataplane_repaired", netns=self.netns, **report.log_fields())
         else:
@@ -223,6 +329,7 @@ class Dataplane:
             report.ipsets_destroyed = sorted(sets)
         if self.state_path and os.path.exists(self.state_path):
             os.unlink(self.state_path)
+        self._state_text = None
         self.invalidate()
         self._desired = None
         log.info("dataplane_cleaned_up", netns=self.netns, **report.log_fields())
@@ -230,14 +337,16 @@ class Dataplane:
 
     # --- the convergence loop -------------------------------------------------
 
-    def _converge(self, desired: DesiredState, sweep: bool) -> ApplyReport:
+    def _converge(self, desired: DesiredState, sweep: bool, delta: _Delta | None) -> ApplyReport:
         start = time.monotonic()
         delay = self.backoff
         last: Exception | None = None
         for attempt in range(1, self.retries + 1):
             report = ApplyReport(backend=self.backend, attempts=attempt)
+            if self._applied is None or delta is None or delta.prev is not self._applied:
+                delta = None  # nothing remembered (first apply, refresh, retry): compare everything
             try:
-                self._apply_once(desired, sweep, report)
+                self._apply_once(desired, sweep, report, delta)
             except CommandError as exc:
                 last = exc
                 log.warning("dataplane_write_failed", netns=self.netns, attempt=attempt, error=str(exc))
@@ -246,36 +355,43 @@ class Dataplane:
                 delay *= 2
                 continue
             report.seconds = time.monotonic() - start
-            self._write_state(desired)
+            self._refs = delta.refs if delta is not None else _build_refs(desired)
+            self._applied = desired
+            if delta is None or delta.meta_changed or self._state_text is None:
+                self._write_state(desired)
             if report.changed:
                 log.info("dataplane_applied", netns=self.netns, **report.log_fields())
             return report
         log.error("dataplane_apply_gave_up", netns=self.netns, attempts=self.retries, error=str(last))
         raise DataplaneError(f"dataplane apply failed after {self.retries} attempts: {last}") from last
 
-    def _apply_once(self, desired: DesiredState, sweep: bool, report: ApplyReport) -> None:
+    def _apply_once(self, desired: DesiredState, sweep: bool, report: ApplyReport, delta: _Delta | None) -> None:
         if self._ipt is None or self._sets is None:
             self.read_back()
         assert self._ipt is not None and self._sets is not None
 
         # 1. ipsets first: every set a rule will reference exists and is filled.
-        plan = ips.plan_ipsets(desired.ipsets, self._sets, self.maxelem)
+        plan = ips.plan_ipsets(desired.ipsets if delta is None else delta.sets, self._sets, self.maxelem)
         if plan.lines:
             self.kernel.ipset_restore(plan.restore_text())
             report.ipset_lines += len(plan.lines)
             report.restore_calls += 1
             report.ipsets_created, report.ipsets_updated, report.ipsets_swapped = plan.created, plan.updated, plan.swapped
-            for name in plan.created + plan.swapped + list(plan.updated):
+            for name, members in plan.members.items():
                 s = desired.ipsets[name]
-                self._sets[name] = ips.KSet(name, s.type, s.family, self.maxelem, ips.desired_members(s))
+                self._sets[name] = ips.KSet(name, s.type, s.family, self.maxelem, members)
 
         # 2./3. one transaction per table, one restore per family.
         for family in self.families:
             tables = self._ipt[family]
             hooks = _hooks(desired, family)
             names = {t for (f, t) in desired.chains if f == family} | {h.table for h in hooks}
-            names |= {n for n, t in tables.items() if t.owned() or any(r.ours for c in t.chains.values() for r in c.rules)}
-            plans = [ipt.plan_table(t, desired.table(family, t), hooks, tables.get(t), sweep) for t in sorted(names)]
+            names |= {n for n, t in tables.items() if _has_ours(t)}
+            plans = []
+            for t in sorted(names):
+                want = desired.table(family, t)
+                only = None if delta is None else delta.chains.get((family, t), ())
+                plans.append(ipt.plan_table(t, want, hooks, tables.get(t), sweep, only=only))
             text = "".join(p.restore_text() for p in plans)
             if not text:
                 continue
@@ -288,14 +404,24 @@ class Dataplane:
                     report.chains_rewritten.update({f"v{family}:{c}": n for c, n in p.rewritten.items() if c not in p.created})
                     report.chains_deleted += [f"v{family}:{c}" for c in p.deleted]
                     report.hooks_repaired += [f"v{family}:{p.table}:{c}" for c in p.hooks_repaired]
-                    tables[p.table] = _model_after(tables.get(p.table), p, desired, family)
+                    tables[p.table] = _update_model(tables.get(p.table), p, desired, family)
 
         # 4. stale sets, only once nothing of ours or anyone else's references them.
         if sweep:
-            referenced = {
-                s for tables in self._ipt.values() for t in tables.values() for c in t.chains.values() for r in c.rules for s in r.ipsets
-            }
-            stale = sorted(n for n in self._sets if n not in desired.ipsets and n not in referenced)
+            stale = sorted(n for n in self._sets if n not in desired.ipsets)
+            if stale:
+                # Desired chains reference desired sets only (validated); anything else in the
+                # kernel (foreign rules, stale chains kept because something jumps to them) may not.
+                referenced = {
+                    s
+                    for (f, tables) in self._ipt.items()
+                    for tname, t in tables.items()
+                    for c in t.chains.values()
+                    if c.name not in desired.table(f, tname)
+                    for r in c.rules
+                    for s in r.ipsets
+                }
+                stale = [n for n in stale if n not in referenced]
             if stale:
                 dplan = ips.plan_destroy(stale)
                 self.kernel.ipset_restore(dplan.restore_text())
@@ -338,17 +464,24 @@ class Dataplane:
             "endpoints": [asdict(e) for e in desired.endpoints],
         }
         text = json.dumps(doc, indent=1, sort_keys=True)
-        try:
-            with open(self.state_path) as f:
-                if f.read() == text:
-                    return
-        except FileNotFoundError:
-            pass
+        if text == self._state_text:
+            return
+        if self._state_text is None:
+            try:
+                with open(self.state_path) as f:
+                    if f.read() == text:
+                        self._state_text = text
+                        return
+            except FileNotFoundError:
+                pass
+        # Atomic replace, no fsync: the file lives on tmpfs (/run) and is rewritten
+        # from the desired state by the next agent if lost.
         os.makedirs(os.path.dirname(self.state_path) or ".", exist_ok=True)
         tmp = f"{self.state_path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, self.state_path)
+        self._state_text = text
 
 
 def _count(text: str) -> int:
@@ -356,17 +489,28 @@ def _count(text: str) -> int:
     return sum(1 for ln in text.splitlines() if ln and not ln.startswith("*") and ln != "COMMIT")
 
 
-def _model_after(old: ipt.KTable | None, plan: ipt.TablePlan, desired: DesiredState, family: int) -> ipt.KTable:
-    """The table as it is after ``plan`` was committed (counters unknown, hashes exact)."""
-    new = ipt.KTable(plan.table)
-    for name, ch in (old.chains.items() if old else ()):
-        if name in plan.deleted:
-            continue
-        new.chains[name] = ipt.KChain(name, ch.policy, list(ch.rules))
+def _has_ours(t: ipt.KTable) -> bool:
+    """Our chains, or our hooks in a built-in chain (foreign chains are never ours to plan)."""
+    return any(owns_chain(n) or (c.builtin and any(r.ours for r in c.rules)) for n, c in t.chains.items())
+
+
+def _update_model(old: ipt.KTable | None, plan: ipt.TablePlan, desired: DesiredState, family: int) -> ipt.KTable:
+    """The cached table as it is after ``plan`` was committed (counters unknown, hashes
+    exact), updated in place: only the chains the plan touched are rebuilt."""
+    new = old if old is not None else ipt.KTable(plan.table)
+    for name in plan.deleted:
+        new.chains.pop(name, None)
     chains = desired.table(family, plan.table)
     for name in set(plan.created) | set(plan.rewritten):
         c = chains[name]
-        new.chains[name] = ipt.KChain(name, "-", [ipt.KRule(name, ln[len(f"-A {name} "):]) for ln in c.render_lines()])
+        lines = plan.rendered.get(name) or c.render_lines()
+        cut = len(f"-A {name} ")
+        rules = []
+        for ln, h in zip(lines, c.hashes):
+            r = ipt.KRule(name, ln[cut:])
+            r.__dict__["hash"] = h  # known: no need to parse it back (cached_property slot)
+            rules.append(r)
+        new.chains[name] = ipt.KChain(name, "-", rules)
     for cname in plan.hooks_repaired:
         kch = new.chains.setdefault(cname, ipt.KChain(cname, "ACCEPT"))
         hooks = [h for h in _hooks(desired, family) if h.table == plan.table and h.chain == cname]

@@ -85,6 +85,7 @@ class IpsetPlan:
     created: list[str] = field(default_factory=list)
     updated: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (added, removed)
     swapped: list[str] = field(default_factory=list)
+    members: dict[str, set[str]] = field(default_factory=dict)  # canonical members of every set written
 
     def restore_text(self) -> str:
         return "\n".join(self.lines) + "\n" if self.lines else ""
@@ -108,6 +109,7 @@ def plan_ipsets(desired: Mapping[str, IPSet], kernel: Mapping[str, KSet], maxele
         if not owns_ipset(name):
             raise ValueError(f"desired ipset {name!r} does not carry our prefix")
         want = desired_members(s)
+        plan.members[name] = want
         k = kernel.get(name)
         if k is None:
             plan.lines.append(_create(name, s, maxelem))
@@ -117,6 +119,7 @@ def plan_ipsets(desired: Mapping[str, IPSet], kernel: Mapping[str, KSet], maxele
         same_meta = (k.type, k.family, k.maxelem) == (s.type, s.family, maxelem)
         adds, dels = sorted(want - k.members), sorted(k.members - want)
         if same_meta and not adds and not dels:
+            del plan.members[name]
             continue
         if same_meta and len(adds) + len(dels) <= len(want) + 3:
             plan.lines.extend(f"del {name} {m} -exist" for m in dels)

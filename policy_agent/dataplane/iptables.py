@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from functools import cached_property
+from typing import Collection, Iterable, Mapping
 
 from policy_agent.desired import Chain, Hook
 from policy_agent.shared.naming import RULE_HASH_PREFIX, owns_chain
@@ -35,17 +36,19 @@ class KRule:
     packets: int = 0
     bytes: int = 0
 
-    @property
+    # Derived from spec once (spec never changes after parsing): the planner asks for
+    # hashes and targets of the same cached rules on every apply.
+    @cached_property
     def hash(self) -> str | None:
         m = HASH_RE.search(self.spec)
         return m.group(1) if m else None
 
-    @property
+    @cached_property
     def target(self) -> str | None:
         m = TARGET_RE.search(self.spec)
         return m.group(1) if m else None
 
-    @property
+    @cached_property
     def ipsets(self) -> list[str]:
         return SET_RE.findall(self.spec)
 
@@ -58,7 +61,7 @@ class KRule:
                 return c
         return ""
 
-    @property
+    @cached_property
     def ours(self) -> bool:
         t = self.target
         return self.hash is not None or (t is not None and owns_chain(t))
@@ -131,6 +134,7 @@ class TablePlan:
     hooks_repaired: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     kept_referenced: list[str] = field(default_factory=list)  # stale but still referenced by others
+    rendered: dict[str, list[str]] = field(default_factory=dict)  # chain -> its full -A lines, if rendered
 
     def restore_text(self) -> str:
         return "\n".join([f"*{self.table}", *self.lines, "COMMIT"]) + "\n" if self.lines else ""
@@ -144,13 +148,19 @@ def _spec_of(line: str, name: str) -> str:
 
 def plan_chain(chain: Chain, kernel: KChain | None) -> list[str]:
     """Lines that turn ``kernel`` into ``chain`` (no ``:`` declaration)."""
-    want = list(chain.hashes)
-    lines = chain.render_lines()
+    return _plan_chain(chain, kernel)[0]
+
+
+def _plan_chain(chain: Chain, kernel: KChain | None) -> tuple[list[str], list[str] | None]:
+    """(lines to write, the chain's full -A lines if they had to be rendered)."""
     if kernel is None:
-        return lines
+        lines = chain.render_lines()
+        return lines, lines
+    want = chain.hashes
     have = [r.hash for r in kernel.rules]
-    if have == want:
-        return []
+    if len(have) == len(want) and all(a == b for a, b in zip(have, want)):
+        return [], None  # up to date: nothing rendered
+    lines = chain.render_lines()
     out: list[str] = []
     for i, h in enumerate(want):
         if i < len(have):
@@ -160,7 +170,7 @@ def plan_chain(chain: Chain, kernel: KChain | None) -> list[str]:
             out.append(lines[i])
     for i in range(len(have), len(want), -1):
         out.append(f"-D {chain.name} {i}")
-    return out
+    return out, lines
 
 
 def plan_table(
@@ -169,20 +179,25 @@ def plan_table(
     hooks: Iterable[Hook],
     kernel: KTable | None,
     sweep: bool,
+    only: Collection[str] | None = None,
 ) -> TablePlan:
+    """Plan one table. ``only``: the desired chains that may differ from ``kernel``
+    (the caller knows the rest are as last written); None compares every chain."""
     plan = TablePlan(table)
     kernel = kernel or KTable(table)
-    owned = kernel.owned()
+    chains = kernel.chains
     decl: list[str] = []
     body: list[str] = []
-    for name in sorted(desired):
+    for name in sorted(desired if only is None else only):
         if not owns_chain(name):
             raise ValueError(f"desired chain {name!r} in table {table} does not carry our prefix")
-        kch = owned.get(name)
+        kch = chains.get(name)
         if kch is None:
             decl.append(f":{name} - [0:0]")
             plan.created.append(name)
-        lines = plan_chain(desired[name], kch)
+        lines, rendered = _plan_chain(desired[name], kch)
+        if rendered is not None:
+            plan.rendered[name] = rendered
         if lines:
             plan.rewritten[name] = len(lines)
             body.extend(lines)
@@ -192,7 +207,7 @@ def plan_table(
     for h in hooks:
         if h.table == table:
             by_chain.setdefault(h.chain, []).append(h)
-    builtin = {n: c for n, c in kernel.chains.items() if c.builtin}
+    builtin = {n: c for n, c in chains.items() if c.builtin}
     hook_lines: list[str] = []
     for cname in sorted(set(by_chain) | set(builtin)):
         want = [hook_hash(h) for h in by_chain.get(cname, [])]
@@ -211,12 +226,12 @@ def plan_table(
 
     tail: list[str] = []
     if sweep:
-        stale = sorted(set(owned) - set(desired))
+        stale = sorted(n for n in chains.keys() - desired.keys() if owns_chain(n))
         # A foreign rule (not ours) that still jumps to a stale chain would make -X fail
         # and abort the whole table transaction: leave such chains for the operator.
         foreign_refs = {
             r.target
-            for c in kernel.chains.values()
+            for c in (chains.values() if stale else ())
             if not owns_chain(c.name)
             for r in c.rules
             if not r.ours and r.target
@@ -225,7 +240,7 @@ def plan_table(
             if name in foreign_refs:
                 plan.kept_referenced.append(name)
                 continue
-            if owned[name].rules:
+            if chains[name].rules:
                 tail.append(f"-F {name}")
             plan.deleted.append(name)
         tail.extend(f"-X {name}" for name in plan.deleted)

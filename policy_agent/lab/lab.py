@@ -2,14 +2,22 @@
 
 Layout of a lab called NAME (nothing of it exists outside its own namespaces):
 
-  netns  palab-NAME.node                 host side: pod veths, routes, iptables, ipamd, agent
+  netns  palab-NAME.node                 host side: pod veths, routes, iptables/ipsets, vpcip-ipamd
          palab-NAME.pod.<ns>.<pod>       one per local pod, wired by `vpcip-cni` ADD
          palab-NAME.remote.<ns>.<pod>    one per pod on another node (spec.nodeName set to
                                          something else): a plain veth from the node netns under
                                          the non-pod prefix "rmt", so the agent sees it only as a
                                          peer address
+  addresses  local pods: dual-stack from a static ENI pool (10.233.64-67.x, fd00:233::40-43:x),
+             handed out by vpcip-ipamd; remote pods: 10.233.96.x. Labs side by side reuse the
+             same addresses: each lives only in its own namespaces.
   state  /var/run/policy-agent-lab/NAME/ state.json, pool.json, conflist, manifests/ (the agent's
                                          manifest directory), endpoints/, endpoint-status/, logs
+
+  processes  vpcip-ipamd (in the node netns), one answer server per pod (in its netns), the agent
+             (root netns, `policy-agent run --netns palab-NAME.node`, HTTP on a free 127.0.0.1
+             port) and, with --apiserver, etcd + kube-apiserver (free 127.0.0.1 ports); their
+             pids are in state.json, stopped by pid after checking the command line.
 
 ``down(NAME)`` works from the namespace prefix and the state directory alone, so it
 also cleans up after a crashed or killed ``up``. Lab names are [a-z0-9-]; the "."
@@ -158,6 +166,7 @@ def _pool(max_enis: int = 4, per_eni: int = 15) -> dict:
             "deviceNumber": dev,
             "primaryIP": f"10.233.{base}.10",
             "secondaryIPs": [f"10.233.{base}.{11 + i}" for i in range(per_eni)],
+            "secondaryIPv6": [f"fd00:233::{base:x}:{11 + i:x}" for i in range(per_eni)],
         })
     return {"instanceType": "lab", "limits": {"maxENIs": max_enis, "ipsPerENI": per_eni + 1}, "enis": enis}
 

@@ -208,9 +208,8 @@ def _port_number(ctx: _Ctx, value: Any, path: str) -> int:
 # --- labels and selectors -----------------------------------------------------------
 
 
-def parse_labels(ctx: _Ctx | None, value: Any, path: str) -> Labels:
+def _labels(ctx: _Ctx, value: Any, path: str) -> Labels:
     """A label map, validated (keys and values per Kubernetes rules)."""
-    ctx = ctx or _Ctx("object", "?")
     if not value:
         if value is not None and not isinstance(value, Mapping):
             raise ctx.err(path, f"must be a mapping, not {type(value).__name__}")
@@ -223,16 +222,15 @@ def parse_labels(ctx: _Ctx | None, value: Any, path: str) -> Labels:
     return Labels(m)
 
 
-def parse_selector(ctx: _Ctx | None, value: Any, path: str) -> LabelSelector:
+def _selector(ctx: _Ctx, value: Any, path: str) -> LabelSelector:
     """metav1.LabelSelector; ``{}`` or null is the match-everything selector."""
-    ctx = ctx or _Ctx("object", "?")
     m = _as_map(ctx, value, path)
     if not m:
         return MATCH_ALL
     for k in m:
         if k not in ("matchLabels", "matchExpressions"):
             raise ctx.err(f"{path}.{k}", "unknown selector field (matchLabels, matchExpressions)")
-    labels = parse_labels(ctx, m.get("matchLabels"), f"{path}.matchLabels")
+    labels = _labels(ctx, m.get("matchLabels"), f"{path}.matchLabels")
     reqs: list[Requirement] = []
     for i, e in enumerate(_as_list(ctx, m.get("matchExpressions"), f"{path}.matchExpressions")):
         epath = f"{path}.matchExpressions[{i}]"
@@ -258,6 +256,16 @@ def parse_selector(ctx: _Ctx | None, value: Any, path: str) -> LabelSelector:
         reqs.append(Requirement(key, op, tuple(sorted(set(values)))))
     reqs.sort(key=Requirement.canonical)
     return LabelSelector(labels, tuple(reqs))
+
+
+def parse_labels(value: Any, path: str = "labels", kind: str = "object", ref: str = "?") -> Labels:
+    """A validated label map; errors name ``kind ref: path``."""
+    return _labels(_Ctx(kind, ref), value, path)
+
+
+def parse_selector(value: Any, path: str = "selector", kind: str = "object", ref: str = "?") -> LabelSelector:
+    """A validated metav1.LabelSelector; errors name ``kind ref: path``."""
+    return _selector(_Ctx(kind, ref), value, path)
 
 
 # --- metadata -----------------------------------------------------------------------
@@ -294,7 +302,7 @@ def parse_namespace(d: Mapping[str, Any]) -> Namespace:
     ctx, meta, _, name = _meta("Namespace", d, namespaced=False)
     if not _is_dns_label(name):
         raise ctx.err("metadata.name", f"{name!r} is not a DNS-1123 label")
-    labels = parse_labels(ctx, meta.get("labels"), "metadata.labels")
+    labels = _labels(ctx, meta.get("labels"), "metadata.labels")
     if labels.get(NAMESPACE_NAME_LABEL) != name:
         merged = dict(labels)
         merged[NAMESPACE_NAME_LABEL] = name
@@ -378,7 +386,7 @@ def parse_pod(d: Mapping[str, Any]) -> Pod:
     return Pod(
         namespace=ns,
         name=name,
-        labels=parse_labels(ctx, meta.get("labels"), "metadata.labels"),
+        labels=_labels(ctx, meta.get("labels"), "metadata.labels"),
         node_name=node or None,
         ips=_pod_ips(ctx, meta, status),
         ports=_container_ports(ctx, spec),
@@ -433,8 +441,8 @@ def _peer(ctx: _Ctx, value: Any, path: str) -> Peer:
     if has_block:
         return Peer(ip_block=_ip_block(ctx, m["ipBlock"], f"{path}.ipBlock"))
     return Peer(
-        pod_selector=parse_selector(ctx, m["podSelector"], f"{path}.podSelector") if has_pod else None,
-        namespace_selector=parse_selector(ctx, m["namespaceSelector"], f"{path}.namespaceSelector")
+        pod_selector=_selector(ctx, m["podSelector"], f"{path}.podSelector") if has_pod else None,
+        namespace_selector=_selector(ctx, m["namespaceSelector"], f"{path}.namespaceSelector")
         if has_ns
         else None,
     )
@@ -488,7 +496,7 @@ def parse_network_policy(d: Mapping[str, Any]) -> NetworkPolicy:
     if not _is_dns_subdomain(name):
         raise ctx.err("metadata.name", f"{name!r} is not a DNS-1123 subdomain")
     spec = _as_map(ctx, d.get("spec"), "spec")
-    selector = parse_selector(ctx, spec.get("podSelector"), "spec.podSelector")
+    selector = _selector(ctx, spec.get("podSelector"), "spec.podSelector")
     ingress = _rules(ctx, spec.get("ingress"), "spec.ingress", "from")
     egress = _rules(ctx, spec.get("egress"), "spec.egress", "to")
     raw_types = _as_list(ctx, spec.get("policyTypes"), "spec.policyTypes")

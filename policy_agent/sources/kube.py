@@ -207,12 +207,14 @@ class Informer:
         self._lock = threading.Lock()
         self._cache: dict[Any, Any] = {}
         self._resp = None
+        self.watching = False  # a watch stream is open (for status and tests)
         self.resource_version = ""
         self.listed = threading.Event()
         # Counters for metrics (read by obs; plain ints, written by this thread only).
         self.watch_restarts = 0
-        self.relists = 0  # lists after the first (410 or failed watch start)
+        self.relists = 0  # lists after the first (each after a 410 Gone)
         self.events = 0
+        self.list_pages = 0
         self.bad_objects = 0
         self._thread = threading.Thread(target=self._run, name=f"kube-{self.kind}", daemon=True)
         self._log = log.bind(source=source, kind=self.kind)
@@ -287,7 +289,10 @@ class Informer:
         return resp
 
     def _list(self) -> None:
-        items: list = []
+        first = not self.listed.is_set()
+        with self._lock:
+            old = self._cache
+        new: dict[Any, Any] = {}
         cont = ""
         rv = ""
         while True:
@@ -295,29 +300,28 @@ class Informer:
             if cont:
                 q.append(("continue", cont))
             resp = self._request(q, self._opts.list_read_timeout)
+            self.list_pages += 1
             try:
                 body = json.loads(resp.read(decode_content=True))
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
                 raise WatchError(f"list {self.kind}: {type(e).__name__}: {e}") from e
             finally:
                 _close(resp)
-            items.extend(body.get("items") or ())
+            # Convert page by page: only model values outlive a page (10,000 raw pods
+            # held at once cost ~300 MB; see docs/performance-agent-kube.md).
+            for d in body.get("items") or ():
+                key = _key(self.res, d)
+                obj = self._convert(d, key)
+                if obj is not None:
+                    new[key] = obj
+                elif key in old:
+                    new[key] = old[key]  # keep the last good version of a now-bad object
             meta = body.get("metadata") or {}
             rv = meta.get("resourceVersion") or rv
             cont = meta.get("continue") or ""
+            del body
             if not cont:
                 break
-        first = not self.listed.is_set()
-        with self._lock:
-            old = self._cache
-        new: dict[Any, Any] = {}
-        for d in items:
-            key = _key(self.res, d)
-            obj = self._convert(d, key)
-            if obj is not None:
-                new[key] = obj
-            elif key in old:
-                new[key] = old[key]  # keep the last good version of a now-bad object
         with self._lock:
             self._cache = new
         self.resource_version = rv
@@ -337,6 +341,7 @@ class Informer:
         started = time.monotonic()
         lines = 0
         resp = self._request(q, timeout + self._opts.read_grace)
+        self.watching = True
         try:
             for line in _lines(resp):
                 lines += 1
@@ -348,6 +353,7 @@ class Informer:
                 raise _Stopped() from e
             raise WatchError(f"watch {self.kind} stream: {type(e).__name__}: {e}") from e
         finally:
+            self.watching = False
             _close(resp)
         if self._stop.is_set():
             raise _Stopped()

@@ -161,6 +161,7 @@ def test_paginated_list(cluster, recorder):
         pols = {k: v for k, v in src.cache("NetworkPolicy").items() if k[0] == ns}
         assert len(pols) == 25 and all(isinstance(p, NetworkPolicy) for p in pols.values())
         assert pols[(ns, "p13")].ingress[0].ports[0].port == 1013
+        assert src.informers["NetworkPolicy"].list_pages >= 4  # 25+ objects, 7 a page
         wait_converged(cluster, src, recorder, kinds=("NetworkPolicy",))
     finally:
         src.close()
@@ -179,7 +180,7 @@ def test_dropped_connections_mid_watch(cluster, proxy, source_via_proxy, recorde
         # Changes made right after the drop must not be missed.
         apply(cluster, pod_yaml(ns, f"d{i}", {"app": "web"}))
         cluster.kubectl("label", "pod", "-n", ns, "a", f"round=r{i}", "--overwrite")
-        wait_for(lambda: src.watch_restarts > before, 60, "watch restart counted")
+        wait_for(lambda b=before: src.watch_restarts > b, 60, "watch restart counted")
     cluster.kubectl("delete", "pod", "-n", ns, "d0", "--grace-period=0", "--force")
     wait_converged(cluster, src, recorder)
     assert recorder.objects("Pod")[(ns, "a")].labels["round"] == "r2"

@@ -92,6 +92,10 @@ def test_policies_local_and_remote_peers(make_lab):
     assert m[("ops/probe", "web/front")] and m[("web/api", "ops/probe")]
     u = _matrix(lab, 80, "UDP")
     assert not u[("web/front", "web/api")] and u[("web/front", "ops/probe")]
+    # Local pods are dual-stack (the pool has IPv6 too): the same verdicts over IPv6.
+    api6 = [ip for ip in lab.pods["web/api"].ips if ":" in ip][0]
+    assert lab.probe(80, "TCP", "web/front", api6, attempts=3)[0]["connected"]
+    assert not lab.probe(80, "TCP", "ops/probe", api6, attempts=1)[0]["connected"]
 
     # front may not send to the remote node's pod (egress, by ipBlock), everything else stays.
     far_ip = lab.pods["ops/far"].ips[0]

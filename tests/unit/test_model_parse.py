@@ -494,3 +494,13 @@ def test_parse_10000_pods_is_not_pathological():
         pods.append(d)
     parsed = [parse_pod(d) for d in pods]
     assert len({p.key for p in parsed}) == 10000
+
+
+def test_public_label_and_selector_helpers():
+    from policy_agent.model import parse_labels, parse_selector
+
+    assert dict(parse_labels({"a": "b"})) == {"a": "b"}
+    assert parse_selector(None) == MATCH_ALL
+    with pytest.raises(ModelError) as ei:
+        parse_selector({"matchExpressions": [{"key": "a", "operator": "In"}]}, "spec.x", "Thing", "ns/t")
+    assert str(ei.value).startswith("Thing ns/t: spec.x.matchExpressions[0].values:")

@@ -49,6 +49,7 @@ NAMESPACES = ("x", "y", "z")
 PORTS = (53, 80, 81, 8080)
 EXTERNAL = ("10.233.0.1", "10.233.1.1", "fd00:233::1", "fd00:234::1")
 CONFIGS = {n: NodeConfig(n) for n in NODES}
+NODE_IPS = {"n1": "10.233.0.33", "n2": "10.233.1.33"}  # inside / outside the ipBlocks' /24
 
 net = ipaddress.ip_network
 
@@ -280,6 +281,17 @@ def test_explain_of_compiled_state_matches_reference(objects):
                             + "\n".join(traces)
                         )
                     checked += 1
+    # The node and its own pods: pod -> node passes the pod's egress policy (the node
+    # address is not a pod, so only ipBlocks can allow it when the pod is isolated);
+    # node -> pod is never policed (kubelet probes; the NetworkPolicy API text).
+    for pod in pods:
+        node_ip = NODE_IPS[pod.node_name]
+        want = ref.egress_allows(snap, pod, node_ip, "TCP", 10250)
+        e = explain_state_flow(states[pod.node_name], snap, pod, "node", "TCP", 10250, node=pod.node_name, node_ips=[node_ip])
+        assert e.path.chain == "INPUT"
+        assert e.allowed == want, e.render()
+        e = explain_state_flow(states[pod.node_name], snap, "node", pod, "TCP", 80, node=pod.node_name, node_ips=[node_ip])
+        assert e.path.chain == "OUTPUT" and e.allowed, e.render()
     assert checked > 0
 
 
