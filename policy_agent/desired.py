@@ -51,6 +51,7 @@ class Match:
     ctstate: tuple[str, ...] = ()  # e.g. ("RELATED", "ESTABLISHED")
     mark: tuple[int, int] | None = None  # (value, mask): fwmark & mask == value
     src_addrtype_local: bool = False  # source address is local to the node
+    icmp_type: int | None = None  # with protocol "icmp" or "ipv6-icmp"
 
     def render(self) -> list[str]:
         out: list[str] = []
@@ -64,6 +65,13 @@ class Match:
             out += (["!"] if self.src_net_negate else []) + ["-s", self.src_net]
         if self.dst_net:
             out += (["!"] if self.dst_net_negate else []) + ["-d", self.dst_net]
+        if self.icmp_type is not None:
+            if self.protocol == "ipv6-icmp":
+                out += ["-m", "icmp6", "--icmpv6-type", str(self.icmp_type)]
+            elif self.protocol == "icmp":
+                out += ["-m", "icmp", "--icmp-type", str(self.icmp_type)]
+            else:
+                raise ValueError("icmp_type needs protocol icmp or ipv6-icmp")
         if self.src_addrtype_local:
             out += ["-m", "addrtype", "--src-type", "LOCAL"]
         if self.ctstate:

@@ -77,9 +77,11 @@ def static_chains(node: NodeConfig, family: int) -> dict[str, Chain]:
     if family == 6:
         # Neighbour/router discovery to the node's link-local or multicast addresses
         # must work even for an egress-isolated pod, or it loses its gateway.
-        for net in ("fe80::/10", "ff02::/16"):
+        # Types as Calico allows them: MLD query/report/done (130-132), router
+        # solicitation (133), neighbour solicitation/advertisement (135, 136).
+        for icmp_type, what in ND_ICMPV6_TYPES:
             to_host.append(
-                Rule(Match(protocol="ipv6-icmp", dst_net=net), ACCEPT, f"ICMPv6 to {net}: neighbour discovery")
+                Rule(Match(protocol="ipv6-icmp", icmp_type=icmp_type), ACCEPT, f"ICMPv6 {what} to the node")
             )
     to_host += [
         Rule(Match(), Action("JUMP", CHAIN_FROM_WL_DISPATCH), "pod egress policy applies to pod-to-node traffic"),
@@ -91,6 +93,16 @@ def static_chains(node: NodeConfig, family: int) -> dict[str, Chain]:
         (Rule(Match(out_iface=wild), RETURN, "node to its own pods is not policed: kubelet probes"),),
     )
     return {c.name: c for c in (forward, inp, wl_to_host, output)}
+
+
+ND_ICMPV6_TYPES = (
+    (130, "MLD query"),
+    (131, "MLD report"),
+    (132, "MLD done"),
+    (133, "router solicitation"),
+    (135, "neighbour solicitation"),
+    (136, "neighbour advertisement"),
+)
 
 
 # --- dispatch ------------------------------------------------------------------------

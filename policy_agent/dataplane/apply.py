@@ -137,6 +137,15 @@ def _build_refs(desired: DesiredState) -> Counter:
     return refs
 
 
+def _uncount(refs: Counter, keys: list[tuple]) -> None:
+    for k in keys:
+        n = refs[k] - 1
+        if n > 0:
+            refs[k] = n
+        else:
+            del refs[k]
+
+
 def _differs(new: object, old: object) -> bool:
     return new is not old and new != old
 
@@ -153,9 +162,9 @@ class _Delta:
 
 
 def _diff(prev: DesiredState, desired: DesiredState, refs: Counter) -> _Delta:
-    """Changed chains and sets, with the reference counts updated and checked; raises
-    ValueError (via the full _validate, for its message) if the new state is broken."""
-    refs = Counter(refs)
+    """Changed chains and sets; ``refs`` is updated in place (the caller drops it if
+    this raises). Raises ValueError (via the full _validate, for its message) if the
+    new state is broken."""
     chains: dict[tuple[int, str], list[str]] = {}
     bad = False
     removed_chains: list[tuple] = []
@@ -171,7 +180,7 @@ def _diff(prev: DesiredState, desired: DesiredState, refs: Counter) -> _Delta:
                 continue
             changed.append(name)
             if o is not None:
-                refs.subtract(_refs_of(o, family, table))
+                _uncount(refs, _refs_of(o, family, table))
             refs.update(_refs_of(c, family, table))
             if any(owns_chain(t) and t not in new for t in c.references):
                 bad = True
@@ -180,7 +189,7 @@ def _diff(prev: DesiredState, desired: DesiredState, refs: Counter) -> _Delta:
                 if s is None or s.family != family:
                     bad = True
         for name in old.keys() - new.keys():
-            refs.subtract(_refs_of(old[name], family, table))
+            _uncount(refs, _refs_of(old[name], family, table))
             removed_chains.append(("c", family, table, name))
         if changed:
             chains[key] = changed
@@ -204,7 +213,7 @@ def _diff(prev: DesiredState, desired: DesiredState, refs: Counter) -> _Delta:
         for hook in desired.hooks:  # cheap: a handful of hooks
             if not any(hook.target in desired.table(f, hook.table) for f in (4, 6)):
                 _validate(desired)
-    return _Delta(prev, +refs, chains, sets, meta)
+    return _Delta(prev, refs, chains, sets, meta)
 
 
 def _hooks(desired: DesiredState, family: int) -> tuple:
@@ -280,7 +289,11 @@ class Dataplane:
     def _check(self, desired: DesiredState) -> _Delta | None:
         """Validate ``desired``; against the remembered state only what changed."""
         if self._applied is not None and self._refs is not None and self._ipt is not None:
-            return _diff(self._applied, desired, self._refs)
+            try:
+                return _diff(self._applied, desired, self._refs)
+            except ValueError:
+                self._applied, self._refs = None, None  # counts half-updated: rebuild next time
+                raise
         _validate(desired)
         return None
 

@@ -112,10 +112,10 @@ peer_st = st.one_of(
 )
 
 policy_port_st = st.one_of(
-    st.builds(PolicyPort, st.sampled_from(list(Protocol)[:2])),
-    st.builds(PolicyPort, st.sampled_from(list(Protocol)[:2]), st.sampled_from((53, 80, 81, 8080))),
-    st.builds(lambda p: PolicyPort(p, 80, 81), st.sampled_from(list(Protocol)[:2])),
-    st.builds(PolicyPort, st.sampled_from(list(Protocol)[:2]), st.sampled_from(("http", "dns"))),
+    st.builds(PolicyPort, st.sampled_from(list(Protocol))),
+    st.builds(PolicyPort, st.sampled_from(list(Protocol)), st.sampled_from((53, 80, 81, 8080))),
+    st.builds(lambda p: PolicyPort(p, 80, 81), st.sampled_from(list(Protocol))),
+    st.builds(PolicyPort, st.sampled_from(list(Protocol)), st.sampled_from(("http", "dns"))),
 )
 
 rule_st = st.builds(
@@ -130,6 +130,7 @@ CONTAINER_PORTS = (
     ContainerPort(53, Protocol.UDP, "dns"),
     ContainerPort(53, Protocol.TCP, "dns"),
     ContainerPort(81, Protocol.TCP, None),
+    ContainerPort(80, Protocol.SCTP, "http"),
 )
 
 
@@ -216,7 +217,7 @@ def _ip(end, family):
 # --- properties -------------------------------------------------------------------------
 
 SETTINGS = settings(
-    max_examples=int(os.environ.get("PA_PROPERTY_EXAMPLES", "120")),
+    max_examples=int(os.environ.get("PA_PROPERTY_EXAMPLES", "80")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=os.environ.get("CI", "").lower() in ("1", "true", "yes"),
@@ -268,8 +269,8 @@ def test_explain_of_compiled_state_matches_reference(objects):
                 continue
             s = _ip(src, family) if isinstance(src, str) else src
             d = _ip(dst, family) if isinstance(dst, str) else dst
-            for protocol in ("TCP", "UDP"):
-                for port in PORTS:
+            for protocol, ports in (("TCP", PORTS), ("UDP", PORTS), ("SCTP", (80,))):
+                for port in ports:
                     want = ref.allowed(snap, ref.resolve(snap, s, family), ref.resolve(snap, d, family), protocol, port)
                     got, traces = cluster_verdict(states, snap, s, d, protocol, port, family)
                     if got != want:
