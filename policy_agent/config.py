@@ -76,6 +76,21 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("ACCEPT", "DROP"),
     ),
     Setting("ipv6", "bool", True, "Program ip6tables as well as iptables."),
+    Setting(
+        "iptables_backend",
+        "choice",
+        "auto",
+        "iptables backend: auto (follow kubelet/kube-proxy hint chains, else the backend with more rules), "
+        "nft or legacy. Our rules are swept out of the other backend.",
+        choices=("auto", "nft", "legacy"),
+    ),
+    Setting(
+        "state_file",
+        "path",
+        "",
+        "Where the dataplane records what each ipset and interface stands for (read by `dump`); "
+        "empty = /run/policy-agent/dataplane[-<netns>].json.",
+    ),
     Setting("min_apply_interval", "float", 0.02, "Minimum seconds between two applies (coalesces bursts)."),
     Setting("max_apply_interval", "float", 300.0, "Maximum seconds without a full recompile and apply (resync)."),
     Setting("refresh_interval", "float", 30.0, "Seconds between kernel read-backs that repair drift (0 = off)."),
@@ -100,6 +115,8 @@ class Config:
     deny_action: str = "DROP"
     endpoint_to_host_action: str = "ACCEPT"
     ipv6: bool = True
+    iptables_backend: str = "auto"
+    state_file: str = ""
     min_apply_interval: float = 0.02
     max_apply_interval: float = 300.0
     refresh_interval: float = 30.0

@@ -72,9 +72,14 @@ def build_agent(cfg: config_mod.Config, dataplane: Any = None, sources: list | N
     from policy_agent.agent import Agent
 
     if dataplane is None:
-        from policy_agent.dataplane.apply import Dataplane
+        from policy_agent.dataplane.apply import Dataplane, default_state_path
 
-        dataplane = Dataplane(netns=cfg.netns or None, families=(4, 6) if cfg.ipv6 else (4,))
+        dataplane = Dataplane(
+            netns=cfg.netns or None,
+            backend=cfg.iptables_backend,
+            state_path=cfg.state_file or default_state_path(cfg.netns or None),
+            families=(4, 6) if cfg.ipv6 else (4,),
+        )
     return Agent(
         cfg.node_config(),
         dataplane,

@@ -383,32 +383,51 @@ class Dataplane:
             self.read_back()
         assert self._ipt is not None and self._sets is not None
 
-        # 1. ipsets first: every set a rule will reference exists and is filled.
+        # 1. ipsets first: every set a rule will reference exists and is filled. The
+        # batch runs while the iptables transactions are planned (2 cores: the planner
+        # and ipset overlap), and the restores start only after it succeeded.
         plan = ips.plan_ipsets(desired.ipsets if delta is None else delta.sets, self._sets, self.maxelem)
-        if plan.lines:
-            self.kernel.ipset_restore(plan.restore_text())
-            report.ipset_lines += len(plan.lines)
-            report.restore_calls += 1
-            report.ipsets_created, report.ipsets_updated, report.ipsets_swapped = plan.created, plan.updated, plan.swapped
-            for name, members in plan.members.items():
-                s = desired.ipsets[name]
-                self._sets[name] = ips.KSet(name, s.type, s.family, self.maxelem, members)
+        ipset_job = _start_ipset(self.kernel, plan.restore_text()) if plan.lines else None
 
         # 2./3. one transaction per table, one restore per family.
-        for family in self.families:
+        todo: list[tuple[int, list[ipt.TablePlan], str]] = []
+        try:
+            for family in self.families:
+                tables = self._ipt[family]
+                hooks = _hooks(desired, family)
+                names = {t for (f, t) in desired.chains if f == family} | {h.table for h in hooks}
+                names |= {n for n, t in tables.items() if _has_ours(t)}
+                plans = []
+                for t in sorted(names):
+                    only = None if delta is None else delta.chains.get((family, t), ())
+                    plans.append(ipt.plan_table(t, desired.table(family, t), hooks, tables.get(t), sweep, only=only))
+                text = "".join(p.restore_text() for p in plans)
+                if text:
+                    todo.append((family, plans, text))
+        finally:
+            if ipset_job is not None:
+                ipset_job.wait()  # raises CommandError: nothing of iptables was written
+                # Written: the cache says so even if planning raised meanwhile.
+                report.ipset_lines += len(plan.lines)
+                report.restore_calls += 1
+                report.ipsets_created, report.ipsets_updated = plan.created, plan.updated
+                report.ipsets_swapped = plan.swapped
+                for name, members in plan.members.items():
+                    s = desired.ipsets[name]
+                    self._sets[name] = ips.KSet(name, s.type, s.family, self.maxelem, members)
+
+        # The families are independent tables: their restores run side by side.
+        jobs = [_start_iptables(self.kernel, family, text) for family, _, text in todo]
+        errors = []
+        for job in jobs:
+            try:
+                job.wait()
+            except CommandError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]  # the caller drops the cache and re-reads: one family may be written
+        for family, plans, text in todo:
             tables = self._ipt[family]
-            hooks = _hooks(desired, family)
-            names = {t for (f, t) in desired.chains if f == family} | {h.table for h in hooks}
-            names |= {n for n, t in tables.items() if _has_ours(t)}
-            plans = []
-            for t in sorted(names):
-                want = desired.table(family, t)
-                only = None if delta is None else delta.chains.get((family, t), ())
-                plans.append(ipt.plan_table(t, want, hooks, tables.get(t), sweep, only=only))
-            text = "".join(p.restore_text() for p in plans)
-            if not text:
-                continue
-            self.kernel.iptables_restore(family, text)
             report.iptables_lines += _count(text)
             report.restore_calls += 1
             for p in plans:
@@ -500,6 +519,31 @@ class Dataplane:
 def _count(text: str) -> int:
     """Kernel lines written: rule/chain lines, not the *table/COMMIT framing."""
     return sum(1 for ln in text.splitlines() if ln and not ln.startswith("*") and ln != "COMMIT")
+
+
+class _Done:
+    """A write that already happened (kernels without the *_start methods, e.g. FakeKernel)."""
+
+    def __init__(self, fn: Any, *args: Any):
+        self._exc: CommandError | None = None
+        try:
+            fn(*args)
+        except CommandError as exc:
+            self._exc = exc
+
+    def wait(self) -> None:
+        if self._exc is not None:
+            raise self._exc
+
+
+def _start_ipset(kernel: Kernel, text: str) -> Any:
+    start = getattr(kernel, "ipset_restore_start", None)
+    return start(text) if start else _Done(kernel.ipset_restore, text)
+
+
+def _start_iptables(kernel: Kernel, family: int, text: str) -> Any:
+    start = getattr(kernel, "iptables_restore_start", None)
+    return start(family, text) if start else _Done(kernel.iptables_restore, family, text)
 
 
 def _has_ours(t: ipt.KTable) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from policy_agent.dataplane.runner import Runner
+from policy_agent.dataplane.runner import Pending, Runner
 
 BACKENDS = ("nft", "legacy")
 LEGACY_PROBE_FILE = "/proc/net/ip_tables_names"
@@ -54,12 +54,23 @@ class SystemKernel:
     def iptables_save(self, family: int) -> str:
         return self.runner.run([binary(self.backend, family, "save"), "-c"])
 
-    def iptables_restore(self, family: int, text: str) -> None:
+    def _restore_argv(self, family: int) -> list[str]:
         argv = [binary(self.backend, family, "restore"), "--noflush"]
         if self.backend == "legacy":
             # Only legacy has the xtables lock; nft transactions are atomic in the kernel.
             argv += ["--wait", str(LOCK_WAIT_S), "--wait-interval", str(LOCK_PROBE_US)]
-        self.runner.run(argv, input=text)
+        return argv
+
+    def iptables_restore(self, family: int, text: str) -> None:
+        self.runner.run(self._restore_argv(family), input=text)
+
+    # Started, not finished: the dataplane overlaps a restore with its own planning
+    # (ipsets) or with the other family's restore (v4 and v6 are separate tables).
+    def iptables_restore_start(self, family: int, text: str) -> Pending:
+        return self.runner.start(self._restore_argv(family), input=text)
+
+    def ipset_restore_start(self, text: str) -> Pending:
+        return self.runner.start(["ipset", "restore"], input=text)
 
     def ipset_save(self) -> str:
         return self.runner.run(["ipset", "save"])

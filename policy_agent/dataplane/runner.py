@@ -1,18 +1,32 @@
 """Run kernel commands, optionally inside a named network namespace.
 
 The agent runs with ``netns=None`` (host namespace); tests and benchmarks always
-pass a private namespace, and every command is then wrapped in
-``ip netns exec <ns>``. This is the only place the dataplane starts processes.
+pass a private namespace. Children are started from the calling thread after
+``setns(2)`` into ``/run/netns/<ns>`` (only that thread moves; it moves back
+before the call returns), which costs ~1 ms where ``ip netns exec`` costs ~3-4 ms
+per command on this machine; nothing we run needs the /sys remount or
+/etc/netns bind mounts ``ip netns exec`` adds. This is the only place the
+dataplane starts processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import os
 import subprocess
+import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 import structlog
 
 log = structlog.get_logger(__name__)
+
+NETNS_DIR = "/run/netns"
+_CLONE_NEWNET = 0x40000000
+_libc = None
 
 
 class CommandError(RuntimeError):
@@ -25,25 +39,113 @@ class CommandError(RuntimeError):
         super().__init__(f"{' '.join(argv)} exited {returncode}: {stderr.strip()[:500]}")
 
 
+def _setns(fd: int) -> None:
+    global _libc
+    if hasattr(os, "setns"):  # Python >= 3.12
+        os.setns(fd, _CLONE_NEWNET)
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextlib.contextmanager
+def _in_netns(netns: str | None) -> Iterator[None]:
+    """Move this thread into ``netns`` for the block (children inherit it)."""
+    if not netns:
+        yield
+        return
+    if "/" in netns or netns in (".", ".."):
+        raise ValueError(f"bad network namespace name {netns!r}")
+    target = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY)
+    try:
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                yield
+            finally:
+                _setns(own)  # if this fails the thread is lost: let it raise
+        finally:
+            os.close(own)
+    finally:
+        os.close(target)
+
+
+class Pending:
+    """A started command: feed its input in a helper thread, ``wait()`` for the result."""
+
+    def __init__(self, argv: list[str], proc: subprocess.Popen | None, input: str | None, timeout: float,
+                 error: CommandError | None = None):
+        self.argv = argv
+        self._proc = proc
+        self._out = ""
+        self._err = ""
+        self._error = error
+        self._thread: threading.Thread | None = None
+        if proc is not None:
+            self._thread = threading.Thread(target=self._talk, args=(input, timeout), daemon=True)
+            self._thread.start()
+
+    def _talk(self, input: str | None, timeout: float) -> None:
+        assert self._proc is not None
+        try:
+            self._out, self._err = self._proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._out, self._err = self._proc.communicate()
+            self._err = f"timed out after {timeout} s; {self._err}"
+
+    def wait(self) -> str:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._proc is not None
+        if self._proc.returncode != 0:
+            raise CommandError(self.argv, self._proc.returncode, self._err)
+        return self._out
+
+
 @dataclass
 class Runner:
     netns: str | None = None
     timeout: float = 60.0
 
     def argv(self, argv: list[str]) -> list[str]:
+        """The command as an operator would type it (for messages)."""
         return ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
 
+    def _popen(self, argv: list[str]) -> subprocess.Popen:
+        with _in_netns(self.netns):
+            return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+
+    def start(self, argv: list[str], input: str | None = None) -> Pending:
+        """Start ``argv`` and return at once; ``Pending.wait()`` raises CommandError on failure."""
+        try:
+            proc = self._popen(argv)
+        except OSError as exc:
+            return Pending(self.argv(argv), None, None, self.timeout, CommandError(self.argv(argv), 127, str(exc)))
+        return Pending(self.argv(argv), proc, input, self.timeout)
+
     def run(self, argv: list[str], input: str | None = None, check: bool = True) -> str:
-        full = self.argv(argv)
-        proc = subprocess.run(full, input=input, capture_output=True, text=True, timeout=self.timeout)
-        if check and proc.returncode != 0:
-            raise CommandError(full, proc.returncode, proc.stderr)
-        return proc.stdout
+        rc, out, err = self.try_run(argv, input)
+        if check and rc != 0:
+            raise CommandError(self.argv(argv), rc, err)
+        return out
 
     def try_run(self, argv: list[str], input: str | None = None) -> tuple[int, str, str]:
-        full = self.argv(argv)
         try:
-            proc = subprocess.run(full, input=input, capture_output=True, text=True, timeout=self.timeout)
-        except FileNotFoundError as exc:
+            proc = self._popen(argv)
+        except OSError as exc:
             return 127, "", str(exc)
-        return proc.returncode, proc.stdout, proc.stderr
+        try:
+            out, err = proc.communicate(input, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            return -9, out, f"timed out after {self.timeout} s; {err}"
+        return proc.returncode, out, err

@@ -31,7 +31,12 @@ def cluster(tmp_path_factory, request):
         cl.server = cl.api_client().configuration.host
         cl.version = cl.kubectl("version", "-o", "json")
         _report(request, f"external cluster from KUBECONFIG={external}: {_server_version(cl)}")
-        yield cl
+        try:
+            yield cl
+        finally:
+            from kube_helpers import TEST_LABEL
+
+            cl.kubectl("delete", "namespace", "-l", f"{TEST_LABEL}={os.getpid()}", "--wait=false", check=False)
         return
     if os.geteuid() != 0:
         pytest.skip("needs root to build/run the local kube-apiserver (or set KUBECONFIG)")
@@ -56,13 +61,23 @@ def _server_version(cl: Cluster) -> str:
         return "server version unknown"
 
 
+_REPORTED: list[str] = []
+
+
 def _report(request, line: str) -> None:
-    # Shown in the test output (-s not needed): terminal reporter writes through capture.
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
-        tr.write_line(f"[apiserver] {line}")
+    """Print past output capture now, and again in the terminal summary."""
+    _REPORTED.append(line)
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            print(f"\n[apiserver] {line}", flush=True)
     else:
         print(f"[apiserver] {line}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _REPORTED:
+        terminalreporter.write_line(f"[apiserver] {line}")
 
 
 @pytest.fixture

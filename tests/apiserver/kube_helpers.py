@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 import time
 from typing import Any
@@ -112,10 +113,14 @@ def wait_for(pred, timeout: float = 60.0, what: str = "condition", interval: flo
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+# Every namespace a test creates carries this label, so the session can delete them
+# (matters on a real cluster given by KUBECONFIG).
+TEST_LABEL = "policy-agent.test/run"
+
+
 def namespace_yaml(name: str, labels: dict | None = None) -> str:
-    return json.dumps(
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}}
-    )
+    labels = {**(labels or {}), TEST_LABEL: str(os.getpid())}
+    return json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
 
 
 def pod_yaml(ns: str, name: str, labels: dict | None = None, node: str = "node-a", annotations=None) -> str:
