@@ -354,7 +354,10 @@ class Agent:
             if self.on_enforced is not None:
                 self.on_enforced(p.kind, done - p.received)
         self._record_counts(desired)
-        self._write_status_files(desired)
+        if changes.endpoints or desired.endpoints is not self._status_endpoints or self.apply_count <= 1:
+            # Status files depend on the endpoints (and their CNI records) only.
+            self._write_status_files(desired)
+            self._status_endpoints = desired.endpoints
         if not self.ready:
             self.ready = True
             m.ready.set(1)
@@ -366,15 +369,25 @@ class Agent:
                       events=len(pending))
 
     _last_desired: DesiredState | None = None
+    _status_endpoints: tuple | None = None
+    _counted: dict | None = None  # (family, table) -> (chains mapping counted, chains, rules)
 
     def _record_counts(self, desired: DesiredState) -> None:
+        # Per table, recount only when the compiler handed a different mapping (it keeps
+        # the same one while nothing in that table changed): applies cost the change.
+        old = self._counted or {}
+        counted = {}
+        for key, tbl in desired.chains.items():
+            hit = old.get(key)
+            counted[key] = hit if hit is not None and hit[0] is tbl else (
+                tbl, len(tbl), sum(len(c.rules) for c in tbl.values()))
+        self._counted = counted
         total = 0
         for fam in (4, 6):
-            chains = [c for (f, _t), tbl in desired.chains.items() if f == fam for c in tbl.values()]
-            n = sum(len(c.rules) for c in chains)
+            n = sum(v[2] for (f, _t), v in counted.items() if f == fam)
             total += n
             self.metrics.rules.labels(str(fam)).set(n)
-            self.metrics.chains.labels(str(fam)).set(len(chains))
+            self.metrics.chains.labels(str(fam)).set(sum(v[1] for (f, _t), v in counted.items() if f == fam))
         self.rules_programmed = total
         self.ipsets_programmed = len(desired.ipsets)
         self.endpoint_count = len(desired.endpoints)

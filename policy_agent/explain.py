@@ -243,11 +243,11 @@ class _Walk:
             return False
         if m.src_net is not None:
             net = ipaddress.ip_network(m.src_net, strict=False)
-            if ((net.version == self.src.version and self.src in net)) == m.src_net_negate:
+            if (net.version == self.src.version and self.src in net) == m.src_net_negate:
                 return False
         if m.dst_net is not None:
             net = ipaddress.ip_network(m.dst_net, strict=False)
-            if ((net.version == self.dst.version and self.dst in net)) == m.dst_net_negate:
+            if (net.version == self.dst.version and self.dst in net) == m.dst_net_negate:
                 return False
         if m.src_addrtype_local and self.src not in self.node_ips:
             return False

@@ -134,7 +134,13 @@ def _ports_match(rule, protocol: str, port: int | None, dst: Endpoint) -> bool:
 
 
 def _direction_allows(
-    snap: ClusterSnapshot, subject: Endpoint, other: Endpoint, direction: str, protocol: str, port: int | None, dst: Endpoint
+    snap: ClusterSnapshot,
+    subject: Endpoint,
+    other: Endpoint,
+    direction: str,
+    protocol: str,
+    port: int | None,
+    dst: Endpoint,
 ) -> bool:
     pod = subject.pod
     if pod is None:

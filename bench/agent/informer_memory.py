@@ -93,7 +93,7 @@ def pod_template() -> dict:
                             "f:ownerReferences": {".": {}, 'k:{"uid":"0c3a4b1e"}': {}},
                         },
                         "f:spec": {
-                            'f:containers': {'k:{"name":"web"}': {".": {}, "f:env": {}, "f:image": {}, "f:ports": {}}},
+                            "f:containers": {'k:{"name":"web"}': {".": {}, "f:env": {}, "f:image": {}, "f:ports": {}}},
                             "f:dnsPolicy": {},
                             "f:restartPolicy": {},
                         },
@@ -138,12 +138,25 @@ def pod_template() -> dict:
                         {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
                     ],
                     "env": [{"name": f"ENV_{i}", "value": f"value-{i}"} for i in range(6)],
-                    "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}, "requests": {"cpu": "100m", "memory": "128Mi"}},
+                    "resources": {
+                        "limits": {"cpu": "500m", "memory": "256Mi"},
+                        "requests": {"cpu": "100m", "memory": "128Mi"},
+                    },
                     "volumeMounts": [
-                        {"name": "kube-api-access-abcde", "readOnly": True, "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}
+                        {
+                            "name": "kube-api-access-abcde",
+                            "readOnly": True,
+                            "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                        }
                     ],
-                    "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080, "scheme": "HTTP"}, "periodSeconds": 10},
-                    "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080, "scheme": "HTTP"}, "periodSeconds": 5},
+                    "livenessProbe": {
+                        "httpGet": {"path": "/healthz", "port": 8080, "scheme": "HTTP"},
+                        "periodSeconds": 10,
+                    },
+                    "readinessProbe": {
+                        "httpGet": {"path": "/ready", "port": 8080, "scheme": "HTTP"},
+                        "periodSeconds": 5,
+                    },
                     "terminationMessagePath": "/dev/termination-log",
                     "terminationMessagePolicy": "File",
                     "imagePullPolicy": "IfNotPresent",
@@ -167,8 +180,18 @@ def pod_template() -> dict:
             "securityContext": {},
             "schedulerName": "default-scheduler",
             "tolerations": [
-                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
-                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                {
+                    "key": "node.kubernetes.io/not-ready",
+                    "operator": "Exists",
+                    "effect": "NoExecute",
+                    "tolerationSeconds": 300,
+                },
+                {
+                    "key": "node.kubernetes.io/unreachable",
+                    "operator": "Exists",
+                    "effect": "NoExecute",
+                    "tolerationSeconds": 300,
+                },
             ],
             "priority": 0,
             "enableServiceLinks": True,
@@ -226,7 +249,12 @@ def pages(n: int) -> list[bytes]:
     pods = make_pods(n)
     out = []
     for i in range(0, n, PAGE):
-        body = {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "200000"}, "items": pods[i : i + PAGE]}
+        body = {
+            "kind": "PodList",
+            "apiVersion": "v1",
+            "metadata": {"resourceVersion": "200000"},
+            "items": pods[i : i + PAGE],
+        }
         out.append(json.dumps(body).encode())
     return out
 
@@ -293,7 +321,10 @@ def run_synthetic(n: int) -> list[dict]:
     for mode in ("raw", "client", "client+model"):
         out = subprocess.run(
             [sys.executable, __file__, "--child", mode, "--pods", str(n)],
-            check=True, capture_output=True, text=True, cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
         ).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
@@ -325,8 +356,11 @@ def run_apiserver(n: int) -> dict:
             name = f"web-{i:05d}"
             ip = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
             body = {
-                "metadata": {"name": name, "labels": dict(tmpl["metadata"]["labels"], app=f"app-{i % 200}"),
-                             "annotations": tmpl["metadata"]["annotations"]},
+                "metadata": {
+                    "name": name,
+                    "labels": dict(tmpl["metadata"]["labels"], app=f"app-{i % 200}"),
+                    "annotations": tmpl["metadata"]["annotations"],
+                },
                 "spec": dict(tmpl["spec"], nodeName=f"node-{i % 100}", volumes=[]),
             }
             body["spec"]["containers"] = [dict(c, volumeMounts=[]) for c in tmpl["spec"]["containers"]]
@@ -339,7 +373,10 @@ def run_apiserver(n: int) -> dict:
             for f in concurrent.futures.as_completed([ex.submit(create, i) for i in range(n)]):
                 f.result()
         create_s = time.perf_counter() - t0
-        print(json.dumps({"workload": "apiserver", "created_pods": n, "create_and_status_seconds": round(create_s, 1)}), flush=True)
+        print(
+            json.dumps({"workload": "apiserver", "created_pods": n, "create_and_status_seconds": round(create_s, 1)}),
+            flush=True,
+        )
         api.close()
 
         # Measure in fresh children so the RSS growth is the informer's alone: once
@@ -349,7 +386,10 @@ def run_apiserver(n: int) -> dict:
             out = subprocess.run(
                 [sys.executable, __file__, "--child-informer", str(cl.kubeconfig), "--pods", str(n)]
                 + (["--trace"] if trace else []),
-                check=True, capture_output=True, text=True, cwd=REPO,
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=REPO,
             ).stdout
             r = json.loads(out.strip().splitlines()[-1])
             res.update({k: v for k, v in r.items() if trace == ("traced" in k)})

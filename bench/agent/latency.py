@@ -19,7 +19,10 @@ Then idle CPU (agent + its iptables/ipset children) over --idle seconds, which
 includes the periodic kernel refresh, and RSS (VmRSS/VmHWM of this process,
 which is the agent plus this driver's copy of the objects).
 
-  sudo .venv/bin/python bench/agent/latency.py [--pods 10000 --policies 2000 --events 200 --idle 60]
+  sudo .venv/bin/python bench/agent/latency.py --backend nft|legacy [--pods 10000 --policies 2000 --events 200 --idle 60]
+
+The backend is passed explicitly: in a fresh namespace there are no rules to detect
+from, so "auto" would measure whichever backend the tie rule picks on this host.
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=60.0, help="idle CPU window (s)")
     ap.add_argument("--min-interval", type=float, default=0.02)
     ap.add_argument("--refresh-interval", type=float, default=30.0)
+    ap.add_argument("--backend", choices=("nft", "legacy", "auto"), default="nft", help="iptables backend")
     ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args()
     logs.configure("console", "warning")
@@ -162,7 +166,7 @@ def main() -> int:
         namespaces, pods, pols, n_next = workload(args.pods, args.policies)
         src = PushSource("kube", {"Namespace": namespaces, "Pod": pods, "NetworkPolicy": pols})
         waiter = Waiter()
-        agent = Agent(NodeConfig(NODE), Dataplane(netns=node_ns), [src], min_interval=args.min_interval,
+        agent = Agent(NodeConfig(NODE), Dataplane(netns=node_ns, backend=args.backend), [src], min_interval=args.min_interval,
                       refresh_interval=args.refresh_interval, on_enforced=waiter)
         t0 = time.monotonic()
         agent.start()
@@ -173,6 +177,20 @@ def main() -> int:
         print(f"initial sync: {initial:.2f} s  ({st['counts']})", flush=True)
 
         results: dict[str, list[float]] = {"pod_add": [], "pod_label_change": [], "policy_add": []}
+        reg = agent.metrics.registry
+        split: dict[str, dict[str, float]] = {}
+
+        def sums() -> tuple[float, float, float]:
+            g = reg.get_sample_value
+            return (g("policy_agent_compile_duration_seconds_sum") or 0.0,
+                    g("policy_agent_apply_duration_seconds_sum") or 0.0,
+                    g("policy_agent_apply_duration_seconds_count") or 0.0)
+
+        def phase(name: str, before: tuple[float, float, float]) -> None:
+            c, a, n = (x - y for x, y in zip(sums(), before))
+            # apply_duration covers compile + kernel write; split them per apply
+            split[name] = {"applies": int(n), "compile_ms_mean": round(1000 * c / max(n, 1), 2),
+                           "kernel_write_ms_mean": round(1000 * (a - c) / max(n, 1), 2)}
 
         def one(fn) -> float:
             time.sleep(args.gap)
@@ -181,11 +199,14 @@ def main() -> int:
             return waiter.wait_after(m)
 
         # pod add: new local pods
+        before = sums()
         for e in range(args.events):
             i = e % 100
             p = make_pod(f"ns-{i}", f"new-{e}", n_next, f"app-{e % 20}", f"r{e % 5}", True)
             n_next += 1
             results["pod_add"].append(one(lambda p=p: src.upsert("Pod", p.key, p)))
+        phase("pod_add", before)
+        before = sums()
         # label change: alternate local / remote pods
         local = [p for p in pods.values() if p.node_name == NODE]
         remote = [p for p in pods.values() if p.node_name != NODE]
@@ -197,10 +218,13 @@ def main() -> int:
                     phase="Running")
             pods[q.key] = q
             results["pod_label_change"].append(one(lambda q=q: src.upsert("Pod", q.key, q)))
+        phase("pod_label_change", before)
+        before = sums()
         # policy add
         for e in range(args.events):
             pol = make_policy(f"ns-{e % 100}", e % 20, salt=f"-new{e}")
             results["policy_add"].append(one(lambda pol=pol: src.upsert("NetworkPolicy", pol.key, pol)))
+        phase("policy_add", before)
 
         # idle
         t = os.times()
@@ -223,6 +247,7 @@ def main() -> int:
             "latency_ms": {k: {"p50": round(pct(v, 0.5) * 1000, 2), "p99": round(pct(v, 0.99) * 1000, 2),
                                "max": round(max(v) * 1000, 2), "mean": round(statistics.mean(v) * 1000, 2)}
                            for k, v in results.items()},
+            "per_apply_split": split,
             "idle_cpu_percent_of_core": round(100 * cpu / wall, 3),
             "idle_window_s": round(wall, 1),
             "rss_mb": round(rss / 1024, 1),

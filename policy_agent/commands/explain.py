@@ -32,8 +32,16 @@ def register(subparsers) -> None:
     p.add_argument("--to", dest="dst", required=True, metavar="NS/POD|IP|node", help="destination")
     p.add_argument("--port", type=int, default=None, help="destination port")
     p.add_argument("--protocol", default="TCP", type=str.upper, choices=("TCP", "UDP", "SCTP"))
-    p.add_argument("--family", type=int, choices=(4, 6), default=None, help="address family (default: IPv4 if both ends have it)")
-    p.add_argument("--node-ip", action="append", default=[], metavar="IP", help="an address of the node (for 'node' and addrtype LOCAL); repeatable")
+    p.add_argument(
+        "--family", type=int, choices=(4, 6), default=None, help="address family (default: IPv4 if both ends have it)"
+    )
+    p.add_argument(
+        "--node-ip",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="an address of the node (for 'node' and addrtype LOCAL); repeatable",
+    )
     p.add_argument("--iface-prefix", default=None, help="host veth prefix (default: eni)")
     p.add_argument("--keep-going", action="store_true", help="skip invalid objects instead of failing")
     p.add_argument("--ignore-unknown", action="store_true", help="skip kinds other than Namespace, Pod, NetworkPolicy")

@@ -118,19 +118,26 @@ def ipblock_ident(block: IPBlock) -> str:
     return f"cidr={block.cidr}|except={','.join(sorted(str(e) for e in block.excepts))}"
 
 
-def ipblock_members(block: IPBlock) -> frozenset[str]:
-    """hash:net members: the cidr, and every except as "nomatch" (most specific wins).
+def _ipblock_positives(block: IPBlock) -> list:
+    """The cidr as hash:net entries, minus any entry an except covers whole.
 
-    hash:net cannot hold a /0, so a /0 is stored as its two halves.
+    hash:net cannot hold a /0, so a /0 becomes its two halves; an except equal to
+    (or containing) such a half must remove the half rather than sit next to it
+    as "nomatch", or the set would hold the same net twice with both flags.
     """
     cidr = block.cidr
-    if cidr.prefixlen == 0:
-        pos = [str(n) for n in cidr.subnets(prefixlen_diff=1)]
-    else:
-        pos = [str(cidr)]
-    return frozenset(pos + [f"{e} nomatch" for e in block.excepts])
+    halves = list(cidr.subnets(prefixlen_diff=1)) if cidr.prefixlen == 0 else [cidr]
+    excepts = [e for e in block.excepts if e.version == cidr.version]
+    return [n for n in halves if not any(n.subnet_of(e) for e in excepts)]
+
+
+def ipblock_members(block: IPBlock) -> frozenset[str]:
+    """hash:net members: the cidr, and every except inside it as "nomatch" (most specific wins)."""
+    pos = _ipblock_positives(block)
+    nomatch = [e for e in block.excepts if e not in pos and any(e.subnet_of(p) for p in pos if p.version == e.version)]
+    return frozenset([str(n) for n in pos] + [f"{e} nomatch" for e in nomatch])
 
 
 def ipblock_empty(block: IPBlock) -> bool:
-    """An except that covers the whole cidr leaves nothing to match."""
-    return any(block.cidr.subnet_of(e) for e in block.excepts if e.version == block.cidr.version)
+    """Excepts that cover the whole cidr leave nothing to match."""
+    return not _ipblock_positives(block)

@@ -442,9 +442,7 @@ def _peer(ctx: _Ctx, value: Any, path: str) -> Peer:
         return Peer(ip_block=_ip_block(ctx, m["ipBlock"], f"{path}.ipBlock"))
     return Peer(
         pod_selector=_selector(ctx, m["podSelector"], f"{path}.podSelector") if has_pod else None,
-        namespace_selector=_selector(ctx, m["namespaceSelector"], f"{path}.namespaceSelector")
-        if has_ns
-        else None,
+        namespace_selector=_selector(ctx, m["namespaceSelector"], f"{path}.namespaceSelector") if has_ns else None,
     )
 
 
@@ -459,9 +457,7 @@ def _policy_port(ctx: _Ctx, value: Any, path: str) -> PolicyPort:
         return PolicyPort(proto)
     if isinstance(port, str):
         if not _is_iana_svc_name(port):
-            raise ctx.err(
-                f"{path}.port", f"{port!r} is not a port number or a valid port name (IANA_SVC_NAME)"
-            )
+            raise ctx.err(f"{path}.port", f"{port!r} is not a port number or a valid port name (IANA_SVC_NAME)")
         if end is not None:
             raise ctx.err(f"{path}.endPort", f"may not be specified with the named port {port!r}")
         return PolicyPort(proto, port)
@@ -562,7 +558,10 @@ def parse_object(d: Any, ignore_unknown: bool = False):
     api_version = d.get("apiVersion")
     if api_version is not None and api_version not in versions:
         raise ModelError(
-            kind, _ref_of(d), "apiVersion", f"unsupported apiVersion {api_version!r} for {kind} ({', '.join(sorted(versions))})"
+            kind,
+            _ref_of(d),
+            "apiVersion",
+            f"unsupported apiVersion {api_version!r} for {kind} ({', '.join(sorted(versions))})",
         )
     return parser(d)
 

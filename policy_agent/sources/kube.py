@@ -87,9 +87,7 @@ class WatchError(Exception):
     """A failed request or a broken stream: reconnect after a backoff."""
 
 
-def api_client_from_config(
-    kubeconfig: str | None = None, context: str | None = None, in_cluster: bool | None = None
-):
+def api_client_from_config(kubeconfig: str | None = None, context: str | None = None, in_cluster: bool | None = None):
     """An ``ApiClient`` from a kubeconfig file or the in-cluster service account.
 
     ``in_cluster=None``: in-cluster when no kubeconfig is given and the pod's

@@ -80,17 +80,27 @@ class LocalCluster:
         pki.mkdir()
         subprocess.run(
             [
-                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                "-subj", "/CN=policy-agent-test-apiserver",
-                "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc",
-                "-keyout", str(pki / "server.key"), "-out", str(pki / "server.crt"),
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=policy-agent-test-apiserver",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc",
+                "-keyout",
+                str(pki / "server.key"),
+                "-out",
+                str(pki / "server.crt"),
             ],
             check=True,
             capture_output=True,
         )
-        subprocess.run(
-            ["openssl", "genrsa", "-out", str(pki / "sa.key"), "2048"], check=True, capture_output=True
-        )
+        subprocess.run(["openssl", "genrsa", "-out", str(pki / "sa.key"), "2048"], check=True, capture_output=True)
         (self.workdir / "tokens.csv").write_text(f'{TOKEN},policy-agent-test,1,"system:masters"\n')
 
     def start_etcd(self) -> None:
@@ -98,14 +108,22 @@ class LocalCluster:
         self.etcd = subprocess.Popen(
             [
                 "etcd",
-                "--name", "pa-test",
-                "--data-dir", str(self.workdir / "etcd"),
-                "--listen-client-urls", self.etcd_url,
-                "--advertise-client-urls", self.etcd_url,
-                "--listen-peer-urls", f"http://127.0.0.1:{self.etcd_peer_port}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.etcd_peer_port}",
-                "--initial-cluster", f"pa-test=http://127.0.0.1:{self.etcd_peer_port}",
-                "--log-level", "warn",
+                "--name",
+                "pa-test",
+                "--data-dir",
+                str(self.workdir / "etcd"),
+                "--listen-client-urls",
+                self.etcd_url,
+                "--advertise-client-urls",
+                self.etcd_url,
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{self.etcd_peer_port}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{self.etcd_peer_port}",
+                "--initial-cluster",
+                f"pa-test=http://127.0.0.1:{self.etcd_peer_port}",
+                "--log-level",
+                "warn",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -122,25 +140,43 @@ class LocalCluster:
         self.apiserver = subprocess.Popen(
             [
                 str(self.bin_dir / "kube-apiserver"),
-                "--etcd-servers", self.etcd_url,
-                "--bind-address", "127.0.0.1",
-                "--advertise-address", "127.0.0.1",
-                "--secure-port", str(self.api_port),
-                "--insecure-port", "0",
-                "--tls-cert-file", str(pki / "server.crt"),
-                "--tls-private-key-file", str(pki / "server.key"),
-                "--token-auth-file", str(self.workdir / "tokens.csv"),
-                "--authorization-mode", "RBAC",
-                "--disable-admission-plugins", "ServiceAccount",
-                "--service-account-issuer", "https://kubernetes.default.svc",
-                "--service-account-key-file", str(pki / "sa.key"),
-                "--service-account-signing-key-file", str(pki / "sa.key"),
-                "--service-cluster-ip-range", "10.233.240.0/24",
-                "--endpoint-reconciler-type", "none",
-                "--etcd-compaction-interval", "0",
-                "--watch-cache-sizes", "networkpolicies.networking.k8s.io#0",
+                "--etcd-servers",
+                self.etcd_url,
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                str(self.api_port),
+                "--insecure-port",
+                "0",
+                "--tls-cert-file",
+                str(pki / "server.crt"),
+                "--tls-private-key-file",
+                str(pki / "server.key"),
+                "--token-auth-file",
+                str(self.workdir / "tokens.csv"),
+                "--authorization-mode",
+                "RBAC",
+                "--disable-admission-plugins",
+                "ServiceAccount",
+                "--service-account-issuer",
+                "https://kubernetes.default.svc",
+                "--service-account-key-file",
+                str(pki / "sa.key"),
+                "--service-account-signing-key-file",
+                str(pki / "sa.key"),
+                "--service-cluster-ip-range",
+                "10.233.240.0/24",
+                "--endpoint-reconciler-type",
+                "none",
+                "--etcd-compaction-interval",
+                "0",
+                "--watch-cache-sizes",
+                "networkpolicies.networking.k8s.io#0",
                 "--profiling=false",
-                "--v", "1",
+                "--v",
+                "1",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -149,7 +185,9 @@ class LocalCluster:
 
         def ready():
             if self.apiserver.poll() is not None:
-                raise RuntimeError(f"kube-apiserver exited {self.apiserver.returncode}; see {self.workdir}/kube-apiserver.log")
+                raise RuntimeError(
+                    f"kube-apiserver exited {self.apiserver.returncode}; see {self.workdir}/kube-apiserver.log"
+                )
             req = urllib.request.Request(f"{self.server}/readyz", headers={"Authorization": f"Bearer {TOKEN}"})
             return urllib.request.urlopen(req, timeout=5, context=ctx).status == 200
 
@@ -170,7 +208,10 @@ class LocalCluster:
     def etcd_revision(self) -> int:
         out = subprocess.run(
             ["etcdctl", "--endpoints", self.etcd_url, "endpoint", "status", "-w", "json"],
-            check=True, capture_output=True, text=True, env={**os.environ, "ETCDCTL_API": "3"},
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "ETCDCTL_API": "3"},
         ).stdout
         return int(json.loads(out)[0]["Status"]["header"]["revision"])
 
@@ -179,7 +220,9 @@ class LocalCluster:
         rev = self.etcd_revision()
         subprocess.run(
             ["etcdctl", "--endpoints", self.etcd_url, "compact", str(rev), "--physical"],
-            check=True, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"},
+            check=True,
+            capture_output=True,
+            env={**os.environ, "ETCDCTL_API": "3"},
         )
         return rev
 
@@ -212,7 +255,10 @@ class Cluster:
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         p = subprocess.run(
             [self.kubectl_bin, "--kubeconfig", str(self.kubeconfig), "--request-timeout=60s", *args],
-            input=input, capture_output=True, text=True, timeout=120,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if check and p.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)} failed ({p.returncode}): {p.stderr}")
@@ -265,7 +311,6 @@ def _write_kubeconfig(path: Path, server: str, ca: Path) -> None:
             }
         )
     )
-
 
 
 def start_local(work: Path) -> Cluster:

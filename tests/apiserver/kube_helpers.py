@@ -147,7 +147,9 @@ def policy_yaml(ns: str, name: str, app: str = "web", port: int = 80) -> str:
             "metadata": {"namespace": ns, "name": name},
             "spec": {
                 "podSelector": {"matchLabels": {"app": app}},
-                "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"port": port}]}],
+                "ingress": [
+                    {"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"port": port}]}
+                ],
             },
         }
     )

@@ -108,8 +108,7 @@ def test_status_only_changes_emit_nothing(cluster, recorder):
         )
         # The change reaches the cache (new resourceVersion) but produces no event.
         wait_for(
-            lambda: src.cache("Pod")[(ns, "p")].resource_version
-            != recorder.objects("Pod")[(ns, "p")].resource_version,
+            lambda: src.cache("Pod")[(ns, "p")].resource_version != recorder.objects("Pod")[(ns, "p")].resource_version,
             60,
             "status-only update in the cache",
         )
@@ -251,6 +250,7 @@ def test_apiserver_restart(cluster, proxy, source_via_proxy, recorder):
     assert src.wait_synced(60)
     wait_for(lambda: (ns, "r1") in recorder.objects("Pod"), 60, "pod seen")
     restarts = src.watch_restarts
+    pod_relists = src.informers["Pod"].relists
     # Changes the informer cannot see, then a restart of the server.
     proxy.refuse()
     proxy.drop()
@@ -261,6 +261,8 @@ def test_apiserver_restart(cluster, proxy, source_via_proxy, recorder):
     apply(cluster, policy_yaml(ns, "p2"))
     wait_converged(cluster, src, recorder, timeout=180)
     assert src.watch_restarts > restarts
+    # The restarted server's watch cache starts after our resourceVersion: 410, relist.
+    assert src.informers["Pod"].relists > pod_relists
     assert (ns, "r1") not in recorder.objects("Pod")
     assert recorder.objects("Pod")[(ns, "r2")].labels["app"] == "db"
 

@@ -504,3 +504,20 @@ def test_iface_prefix_is_used_everywhere():
     s = state_of(*NS, *PODS, iface_prefix="cali")
     text = render_iptables_save(s, 4)
     assert "-i cali+" in text and "eni" not in text
+
+
+def test_ipblock_slash0_with_except_covering_a_half_drops_that_half():
+    # Review finding: the /0 is stored as two /1 halves; an except equal to a half
+    # must remove it, not sit next to it as "nomatch" (ipset would hold both).
+    import ipaddress
+
+    from policy_agent.compiler.scopes import ipblock_empty, ipblock_members
+    from policy_agent.model.types import IPBlock
+
+    net = ipaddress.ip_network
+    b = IPBlock(net("0.0.0.0/0"), (net("128.0.0.0/1"), net("10.0.0.0/8")))
+    assert ipblock_members(b) == {"0.0.0.0/1", "10.0.0.0/8 nomatch"}
+    assert not ipblock_empty(b)
+    both = IPBlock(net("0.0.0.0/0"), (net("128.0.0.0/1"), net("0.0.0.0/1")))
+    assert ipblock_empty(both)
+    assert ipblock_members(IPBlock(net("10.0.0.0/8"), (net("10.1.0.0/16"),))) == {"10.0.0.0/8", "10.1.0.0/16 nomatch"}

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from policy_agent.desired import ACCEPT, DROP, RETURN, Action, Chain, DesiredState, Hook, IPSet, LocalEndpoint, Match, Rule
+from policy_agent.desired import (
+    ACCEPT,
+    DROP,
+    RETURN,
+    Action,
+    Chain,
+    DesiredState,
+    Hook,
+    IPSet,
+    LocalEndpoint,
+    Match,
+    Rule,
+)
 from policy_agent.explain import ExplainError, HookPath, Packet, explain, explain_state_flow
 from policy_agent.model import ClusterSnapshot, Pod
 from policy_agent.model.types import Labels
@@ -14,7 +26,11 @@ ACC = 0x10000
 
 def state(chains: list[Chain], ipsets: list[IPSet] = (), hooks=None, family: int = 4, endpoints=()) -> DesiredState:
     if hooks is None:
-        hooks = (Hook("filter", "FORWARD", "pa-FORWARD"), Hook("filter", "INPUT", "pa-INPUT"), Hook("filter", "OUTPUT", "pa-OUTPUT"))
+        hooks = (
+            Hook("filter", "FORWARD", "pa-FORWARD"),
+            Hook("filter", "INPUT", "pa-INPUT"),
+            Hook("filter", "OUTPUT", "pa-OUTPUT"),
+        )
     return DesiredState(
         chains={(family, "filter"): {c.name: c for c in chains}},
         hooks=tuple(hooks),
@@ -63,11 +79,27 @@ def test_jump_return_and_goto_semantics():
             Rule(Match(), DROP, "mark 1 missing"),
         ),
     )
-    a = Chain("a", (Rule(Match(), Action("GOTO", "b")), Rule(Match(), Action("MARK", mark=(0x2, 0x2)), "never after goto")))
-    b = Chain("b", (Rule(Match(), Action("MARK", mark=(0x1, 0x1)), "set 1"), Rule(Match(), RETURN), Rule(Match(), DROP, "unreached")))
+    a = Chain(
+        "a", (Rule(Match(), Action("GOTO", "b")), Rule(Match(), Action("MARK", mark=(0x2, 0x2)), "never after goto"))
+    )
+    b = Chain(
+        "b",
+        (
+            Rule(Match(), Action("MARK", mark=(0x1, 0x1)), "set 1"),
+            Rule(Match(), RETURN),
+            Rule(Match(), DROP, "unreached"),
+        ),
+    )
     e = explain(state([top, a, b]), pkt(), FWD)
     assert e.verdict == "ACCEPT"
-    assert [(s.chain, s.number) for s in e.trace] == [("FORWARD", 1), ("pa-FORWARD", 1), ("a", 1), ("b", 1), ("b", 2), ("pa-FORWARD", 2)]
+    assert [(s.chain, s.number) for s in e.trace] == [
+        ("FORWARD", 1),
+        ("pa-FORWARD", 1),
+        ("a", 1),
+        ("b", 1),
+        ("b", 2),
+        ("pa-FORWARD", 2),
+    ]
     assert e.trace[-1].mark == 0x1
 
 
@@ -153,7 +185,9 @@ def test_hash_net_set_with_nomatch_and_negation():
 
 
 def test_hash_ip_port_set():
-    named = IPSet("pa4n-x", 4, "hash:ip,port", frozenset({"10.233.0.2,tcp:8080", "10.233.0.3,udp:53", "10.233.0.4,9000-9010"}))
+    named = IPSet(
+        "pa4n-x", 4, "hash:ip,port", frozenset({"10.233.0.2,tcp:8080", "10.233.0.3,udp:53", "10.233.0.4,9000-9010"})
+    )
     c = Chain("pa-FORWARD", (Rule(Match(dst_ipport_set="pa4n-x"), ACCEPT, "named"), Rule(Match(), DROP, "rest")))
     s = state([c], [named])
     assert explain(s, pkt(dst="10.233.0.2", port=8080), FWD).allowed
@@ -212,9 +246,27 @@ def test_broken_states_raise():
 def _flow_state():
     """Every path records where it came in, via a per-path DROP with a comment."""
     chains = [
-        Chain("pa-FORWARD", (Rule(Match(in_iface="eni+"), Action("JUMP", "pa-fw")), Rule(Match(out_iface="eni+"), Action("JUMP", "pa-tw")))),
-        Chain("pa-fw", (Rule(Match(protocol="udp"), DROP, "egress denies udp"), Rule(Match(), Action("MARK", mark=(ACC, ACC)), "a/one egress rule 0"))),
-        Chain("pa-tw", (Rule(Match(dst_ports=((80, 80),), protocol="tcp"), ACCEPT, "b/two ingress rule 0"), Rule(Match(), DROP, "no ingress rule"))),
+        Chain(
+            "pa-FORWARD",
+            (
+                Rule(Match(in_iface="eni+"), Action("JUMP", "pa-fw")),
+                Rule(Match(out_iface="eni+"), Action("JUMP", "pa-tw")),
+            ),
+        ),
+        Chain(
+            "pa-fw",
+            (
+                Rule(Match(protocol="udp"), DROP, "egress denies udp"),
+                Rule(Match(), Action("MARK", mark=(ACC, ACC)), "a/one egress rule 0"),
+            ),
+        ),
+        Chain(
+            "pa-tw",
+            (
+                Rule(Match(dst_ports=((80, 80),), protocol="tcp"), ACCEPT, "b/two ingress rule 0"),
+                Rule(Match(), DROP, "no ingress rule"),
+            ),
+        ),
         Chain("pa-INPUT", (Rule(Match(in_iface="eni+"), DROP, "pod to node denied"),)),
         Chain("pa-OUTPUT", (Rule(Match(out_iface="eni+"), RETURN, "node to pod"),)),
     ]
@@ -230,7 +282,11 @@ def _snap():
 
     mk = lambda ns, n, *ips, node="n1": Pod(ns, n, Labels(), node, tuple(ipaddress.ip_address(i) for i in ips))  # noqa: E731
     return ClusterSnapshot.of(
-        [mk("a", "one", "10.233.0.1"), mk("b", "two", "10.233.0.2", "fd00:233::2"), mk("c", "far", "10.233.9.9", node="n2")]
+        [
+            mk("a", "one", "10.233.0.1"),
+            mk("b", "two", "10.233.0.2", "fd00:233::2"),
+            mk("c", "far", "10.233.9.9", node="n2"),
+        ]
     )
 
 
@@ -240,7 +296,9 @@ def test_flow_paths():
     assert e.path == HookPath("FORWARD", "eni1", "eni2") and e.allowed
     assert e.src_name == "a/one" and e.dst_name == "b/two"
     summary = e.summary()
-    assert summary.startswith("TCP 10.233.0.1 -> 10.233.0.2:80 (a/one to b/two) is ALLOWED on node n1 (FORWARD, in eni1, out eni2).")
+    assert summary.startswith(
+        "TCP 10.233.0.1 -> 10.233.0.2:80 (a/one to b/two) is ALLOWED on node n1 (FORWARD, in eni1, out eni2)."
+    )
     assert "b/two ingress rule 0" in summary and "a/one egress rule 0" in summary
     assert summary.count(". ") == 1  # two sentences
     e = explain_state_flow(s, snap, "a/one", "b/two", "TCP", 81)
@@ -320,7 +378,9 @@ def test_cli_allowed_and_denied(tmp_path, capsys):
     assert rc == 1 and "is DENIED" in out and "verdict: DROP" in out
     assert "x/a: no ingress policy allowed the packet" in out
     # a's egress is open, b is not isolated for ingress
-    rc = _cli(["explain", "--node", "n1", "--from", "10.233.0.5", "--to", "x/b", "--protocol", "udp", "--port", "53", str(f)])
+    rc = _cli(
+        ["explain", "--node", "n1", "--from", "10.233.0.5", "--to", "x/b", "--protocol", "udp", "--port", "53", str(f)]
+    )
     assert rc == 0 and "UDP 10.233.0.5 -> 10.233.0.6:53 (x/a to x/b)" in capsys.readouterr().out
 
 

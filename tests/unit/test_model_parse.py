@@ -69,7 +69,9 @@ def reject(parser, d, field: str, *words: str) -> ModelError:
 
 
 def test_namespace_gets_name_label_and_keeps_others():
-    ns = parse_namespace({"kind": "Namespace", "metadata": {"name": "x", "labels": {"team": "a"}, "resourceVersion": "7"}})
+    ns = parse_namespace(
+        {"kind": "Namespace", "metadata": {"name": "x", "labels": {"team": "a"}, "resourceVersion": "7"}}
+    )
     assert ns == Namespace("x", ns.labels, "7")
     assert dict(ns.labels) == {"team": "a", "kubernetes.io/metadata.name": "x"}
 
@@ -344,13 +346,37 @@ S = "spec.podSelector"
 @pytest.mark.parametrize(
     "selector, field, words",
     [
-        ({"matchExpressions": [{"key": "a", "operator": "Equals", "values": ["x"]}]}, f"{S}.matchExpressions[0].operator", ["invalid operator"]),
+        (
+            {"matchExpressions": [{"key": "a", "operator": "Equals", "values": ["x"]}]},
+            f"{S}.matchExpressions[0].operator",
+            ["invalid operator"],
+        ),
         ({"matchExpressions": [{"key": "a", "operator": "In"}]}, f"{S}.matchExpressions[0].values", ["non-empty"]),
-        ({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": []}]}, f"{S}.matchExpressions[0].values", ["non-empty"]),
-        ({"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]}, f"{S}.matchExpressions[0].values", ["must be empty"]),
-        ({"matchExpressions": [{"key": "a", "operator": "DoesNotExist", "values": ["x"]}]}, f"{S}.matchExpressions[0].values", ["must be empty"]),
-        ({"matchExpressions": [{"key": "a", "operator": "In", "values": ["bad value"]}]}, f"{S}.matchExpressions[0].values[0]", ["label value"]),
-        ({"matchExpressions": [{"key": "bad key", "operator": "Exists"}]}, f"{S}.matchExpressions[0].key", ["label key"]),
+        (
+            {"matchExpressions": [{"key": "a", "operator": "NotIn", "values": []}]},
+            f"{S}.matchExpressions[0].values",
+            ["non-empty"],
+        ),
+        (
+            {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]},
+            f"{S}.matchExpressions[0].values",
+            ["must be empty"],
+        ),
+        (
+            {"matchExpressions": [{"key": "a", "operator": "DoesNotExist", "values": ["x"]}]},
+            f"{S}.matchExpressions[0].values",
+            ["must be empty"],
+        ),
+        (
+            {"matchExpressions": [{"key": "a", "operator": "In", "values": ["bad value"]}]},
+            f"{S}.matchExpressions[0].values[0]",
+            ["label value"],
+        ),
+        (
+            {"matchExpressions": [{"key": "bad key", "operator": "Exists"}]},
+            f"{S}.matchExpressions[0].key",
+            ["label key"],
+        ),
         ({"matchExpressions": [{"operator": "Exists"}]}, f"{S}.matchExpressions[0].key", ["required"]),
         ({"matchLabels": {"a": "b c"}}, f"{S}.matchLabels[a]", ["label value"]),
         ({"matchLabel": {"a": "b"}}, f"{S}.matchLabel", ["unknown selector field"]),
@@ -361,7 +387,9 @@ def test_selector_rejections(selector, field, words):
 
 
 def test_selector_rejection_inside_peer_names_full_path():
-    d = policy({"ingress": [{}, {"from": [{"namespaceSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}]}]})
+    d = policy(
+        {"ingress": [{}, {"from": [{"namespaceSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}]}]}
+    )
     reject(parse_network_policy, d, "spec.ingress[1].from[0].namespaceSelector.matchExpressions[0].values", "non-empty")
 
 

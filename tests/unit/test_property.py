@@ -137,9 +137,7 @@ CONTAINER_PORTS = (
 @st.composite
 def policy_st(draw, name):
     types = draw(
-        st.sampled_from(
-            ((PolicyType.INGRESS,), (PolicyType.EGRESS,), (PolicyType.INGRESS, PolicyType.EGRESS), None)
-        )
+        st.sampled_from(((PolicyType.INGRESS,), (PolicyType.EGRESS,), (PolicyType.INGRESS, PolicyType.EGRESS), None))
     )
     ingress = tuple(draw(st.lists(rule_st, max_size=2)))
     egress = tuple(draw(st.lists(rule_st, max_size=2)))
@@ -239,10 +237,16 @@ def test_compile_is_deterministic_and_order_independent(objects, rnd):
         detour = NetworkPolicy("x", "detour", LabelSelector(), (PolicyType.INGRESS, PolicyType.EGRESS))
         for o in shuffled:
             if isinstance(o, Namespace):
+                c.upsert_namespace(Namespace(o.name, Labels({"team": "zz", "kubernetes.io/metadata.name": o.name})))
+                c.desired()
                 c.upsert_namespace(o)
             elif isinstance(o, Pod):
                 c.upsert_pod(o)
-                c.upsert_pod(Pod(o.namespace, o.name, Labels({"app": "zz"}), o.node_name, o.ips, o.ports, phase="Running"))
+                c.upsert_pod(
+                    Pod(o.namespace, o.name, Labels({"app": "zz"}), o.node_name, o.ips, o.ports, phase="Running")
+                )
+                c.desired()
+                c.delete_pod(o.namespace, o.name)
                 c.upsert_pod(o)
             else:
                 c.upsert_policy(o)
@@ -288,10 +292,14 @@ def test_explain_of_compiled_state_matches_reference(objects):
     for pod in pods:
         node_ip = NODE_IPS[pod.node_name]
         want = ref.egress_allows(snap, pod, node_ip, "TCP", 10250)
-        e = explain_state_flow(states[pod.node_name], snap, pod, "node", "TCP", 10250, node=pod.node_name, node_ips=[node_ip])
+        e = explain_state_flow(
+            states[pod.node_name], snap, pod, "node", "TCP", 10250, node=pod.node_name, node_ips=[node_ip]
+        )
         assert e.path.chain == "INPUT"
         assert e.allowed == want, e.render()
-        e = explain_state_flow(states[pod.node_name], snap, "node", pod, "TCP", 80, node=pod.node_name, node_ips=[node_ip])
+        e = explain_state_flow(
+            states[pod.node_name], snap, "node", pod, "TCP", 80, node=pod.node_name, node_ips=[node_ip]
+        )
         assert e.path.chain == "OUTPUT" and e.allowed, e.render()
     assert checked > 0
 
@@ -310,7 +318,10 @@ def test_reference_hand_cases():
     ns_y = Namespace("y", Labels({"team": "t", "kubernetes.io/metadata.name": "y"}))
     sel = lambda **kw: LabelSelector(Labels(kw))  # noqa: E731
     allow_b_http = NetworkPolicy(
-        "x", "p", sel(app="a"), (PolicyType.INGRESS,),
+        "x",
+        "p",
+        sel(app="a"),
+        (PolicyType.INGRESS,),
         ingress=(Rule((PolicyPort(Protocol.TCP, "http"),), (Peer(pod_selector=sel(app="b")),)),),
     )
     snap = ClusterSnapshot.of([a, b, c, ns_y, allow_b_http])
@@ -320,14 +331,25 @@ def test_reference_hand_cases():
     assert ref.allowed(snap, a, b, "TCP", 1)  # b not selected
     assert not ref.allowed(snap, "10.1.1.1", a, "TCP", 8080)
     both = NetworkPolicy(
-        "x", "q", sel(app="a"), (PolicyType.INGRESS,),
+        "x",
+        "q",
+        sel(app="a"),
+        (PolicyType.INGRESS,),
         ingress=(Rule((), (Peer(pod_selector=sel(app="b"), namespace_selector=sel(team="t")),)),),
     )
     snap2 = ClusterSnapshot.of([a, b, c, ns_y, both])
     assert ref.allowed(snap2, c, a, "UDP", 9) and not ref.allowed(snap2, b, a, "UDP", 9)
     block = NetworkPolicy(
-        "x", "r", LabelSelector(), (PolicyType.EGRESS,),
-        egress=(Rule((PolicyPort(Protocol.TCP, 80, 90),), (Peer(ip_block=IPBlock(net("10.233.0.0/24"), (net("10.233.0.4/32"),))),)),),
+        "x",
+        "r",
+        LabelSelector(),
+        (PolicyType.EGRESS,),
+        egress=(
+            Rule(
+                (PolicyPort(Protocol.TCP, 80, 90),),
+                (Peer(ip_block=IPBlock(net("10.233.0.0/24"), (net("10.233.0.4/32"),))),),
+            ),
+        ),
     )
     snap3 = ClusterSnapshot.of([a, b, c, block])
     assert ref.allowed(snap3, a, b, "TCP", 90) and not ref.allowed(snap3, a, b, "TCP", 91)
@@ -344,8 +366,15 @@ def test_random_smoke_single_example_runs_fast():
     objs = [
         _pod("x", f"p{i}", f"10.233.0.{i + 2}", {"app": rnd.choice("ab")}, node=rnd.choice(NODES)) for i in range(4)
     ]
-    objs.append(NetworkPolicy("x", "p", LabelSelector(Labels({"app": "a"})), (PolicyType.INGRESS,),
-                              ingress=(Rule((), (Peer(pod_selector=LabelSelector(Labels({"app": "b"}))),)),)))
+    objs.append(
+        NetworkPolicy(
+            "x",
+            "p",
+            LabelSelector(Labels({"app": "a"})),
+            (PolicyType.INGRESS,),
+            ingress=(Rule((), (Peer(pod_selector=LabelSelector(Labels({"app": "b"}))),)),),
+        )
+    )
     snap = ClusterSnapshot.of(objs)
     states = {n: compile(snap, CONFIGS[n]) for n in NODES}
     for s in snap.pods.values():
@@ -353,3 +382,36 @@ def test_random_smoke_single_example_runs_fast():
             if s is not d:
                 got, _ = cluster_verdict(states, snap, s, d, "TCP", 80, 4)
                 assert got == ref.allowed(snap, s, d, "TCP", 80), (s.ref, d.ref)
+
+
+@SETTINGS
+@given(cluster_st(), cluster_st(), st.randoms(use_true_random=False))
+def test_incremental_transition_equals_full_compile(before, after, rnd):
+    """Load cluster A, then turn it into cluster B by deletes and upserts (in random
+    order): the incremental compiler must render exactly what a full compile of B does."""
+    snap_a, snap_b = ClusterSnapshot.of(before), ClusterSnapshot.of(after)
+    for n in NODES:
+        c = Compiler(CONFIGS[n]).load(snap_a)
+        c.desired()
+        ops = []
+        ops += [("dp", k) for k in snap_a.pods if k not in snap_b.pods]
+        ops += [("dpol", k) for k in snap_a.policies if k not in snap_b.policies]
+        ops += [("dns", k) for k in snap_a.namespaces if k not in snap_b.namespaces]
+        ops += [("up", o) for o in after]
+        rnd.shuffle(ops)
+        for i, (op, x) in enumerate(ops):
+            if op == "dp":
+                c.delete_pod(*x)
+            elif op == "dpol":
+                c.delete_policy(*x)
+            elif op == "dns":
+                c.delete_namespace(x)
+            elif isinstance(x, Namespace):
+                c.upsert_namespace(x)
+            elif isinstance(x, Pod):
+                c.upsert_pod(x)
+            else:
+                c.upsert_policy(x)
+            if i % 3 == 0:
+                c.desired()
+        assert render_all(c.desired()) == render_all(compile(snap_b, CONFIGS[n]))
