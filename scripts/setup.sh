@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iptables ipset iproute2 conntrack kmod procps python3-venv python3-dev gcc
-              containernetworking-plugins socat iperf3 netcat-openbsd etcd-server rsync
+              containernetworking-plugins socat iperf3 netcat-openbsd etcd-server etcd-client openssl rsync
               ca-certificates curl git)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
