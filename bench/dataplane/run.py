@@ -189,6 +189,10 @@ def per_packet(backend: str, d, rounds: int, seconds: float) -> dict:
         "conn_per_s": {m: round(med[f"cps_{m}"]) for m in modes},
         "conn_ratio": round(med["cps_rules"] / med["cps_none"], 3),
         "conn_ratio_ct_first": round(med["cps_rules_ct_first"] / med["cps_none"], 3),
+        # ratio within each round (same load), then the median: less sensitive to load drift
+        "paired_median_ratio": {f"{k}_{m}": round(statistics.median(
+            x / y for x, y in zip(res[f"{k}_{m}"], res[f"{k}_none"])), 3)
+            for k in ("tput", "cps") for m in ("rules", "rules_ct_first")},
         "rounds": rounds, "seconds": seconds, "raw": res,
     }
 
