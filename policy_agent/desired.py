@@ -52,6 +52,8 @@ class Match:
     mark: tuple[int, int] | None = None  # (value, mask): fwmark & mask == value
     src_addrtype_local: bool = False  # source address is local to the node
     icmp_type: int | None = None  # with protocol "icmp" or "ipv6-icmp"
+    src_iface_set: str | None = None  # hash:net,iface set matched on (src addr, incoming iface)
+    src_iface_set_negate: bool = False
 
     def render(self) -> list[str]:
         out: list[str] = []
@@ -84,6 +86,9 @@ class Match:
             out += ["-m", "set"] + (["!"] if self.dst_set_negate else []) + ["--match-set", self.dst_set, "dst"]
         if self.dst_ipport_set:
             out += ["-m", "set", "--match-set", self.dst_ipport_set, "dst,dst"]
+        if self.src_iface_set:
+            neg = ["!"] if self.src_iface_set_negate else []
+            out += ["-m", "set"] + neg + ["--match-set", self.src_iface_set, "src,src"]
         if self.dst_ports:
             if not self.protocol:
                 raise ValueError("dst_ports needs a protocol")
@@ -184,7 +189,7 @@ class Chain:
         out = set()
         for r in self.rules:
             m = r.match
-            out.update(s for s in (m.src_set, m.dst_set, m.dst_ipport_set) if s)
+            out.update(s for s in (m.src_set, m.dst_set, m.dst_ipport_set, m.src_iface_set) if s)
         return frozenset(out)
 
 
@@ -207,10 +212,11 @@ class Hook:
 
 @dataclass(frozen=True)
 class IPSet:
-    """One ipset. type: "hash:net" | "hash:ip,port"; family 4 -> inet, 6 -> inet6.
+    """One ipset. type: "hash:net" | "hash:ip,port" | "hash:net,iface"; family 4 -> inet, 6 -> inet6.
 
     members are in the text form ipset restore takes: "10.0.0.5/32",
-    "10.0.0.0/16", "10.0.1.0/24 nomatch" (hash:net except), "10.0.0.5,tcp:8080".
+    "10.0.0.0/16", "10.0.1.0/24 nomatch" (hash:net except), "10.0.0.5,tcp:8080",
+    "10.0.0.5/32,eni1234567890a" (hash:net,iface: address and interface).
     origin says what the set stands for, for dumps ("selector x/app=web", ...).
     """
 

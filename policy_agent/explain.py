@@ -18,8 +18,10 @@ Semantics modelled (filter table only, as that is all we write):
 - Matches: interfaces (exact, or ``prefix+`` wildcard; a packet without that
   interface never matches), protocol, CIDRs and negations, ipsets (hash:net
   longest-prefix with ``nomatch``, hash:ip, hash:ip,port ``ip,proto:port``
-  incl. port ranges), port ranges (multiport), conntrack state, mark/mask,
-  ``addrtype --src-type LOCAL`` against the node's addresses.
+  incl. port ranges, hash:net,iface ``net,iface`` matched as ``src,src`` against
+  the source address and the incoming interface), port ranges (multiport),
+  ICMP type (a rule with one never matches a packet without one), conntrack
+  state, mark/mask, ``addrtype --src-type LOCAL`` against the node's addresses.
 """
 
 from __future__ import annotations
@@ -42,7 +44,11 @@ class ExplainError(ValueError):
 
 @dataclass(frozen=True)
 class Packet:
-    """One packet as the filter table sees it. protocol is lower case (tcp/udp/sctp/icmp)."""
+    """One packet as the filter table sees it. protocol is lower case (tcp/udp/sctp/icmp/ipv6-icmp).
+
+    icmp_type: the ICMP/ICMPv6 type of an icmp/ipv6-icmp packet (None: unknown or
+    not ICMP; then no rule that names a type matches).
+    """
 
     family: int
     src: str
@@ -51,8 +57,11 @@ class Packet:
     dst_port: int | None = None
     ctstate: str = "NEW"
     mark: int = 0
+    icmp_type: int | None = None
 
     def __post_init__(self) -> None:
+        if self.icmp_type is not None and self.protocol not in ("icmp", "ipv6-icmp"):
+            raise ExplainError(f"icmp_type needs protocol icmp or ipv6-icmp, not {self.protocol!r}")
         for a in (self.src, self.dst):
             if ipaddress.ip_address(a).version != self.family:
                 raise ExplainError(f"address {a} is not IPv{self.family}")
@@ -158,6 +167,7 @@ class _SetIndex:
         self.nets: list[tuple[ipaddress._BaseNetwork, bool]] = []  # (net, nomatch)
         self.ipports: set[tuple[ipaddress._BaseAddress, str, int]] = set()
         self.ipport_ranges: list[tuple[ipaddress._BaseAddress, str, int, int]] = []
+        self.net_ifaces: dict[str, list[tuple[ipaddress._BaseNetwork, bool]]] = {}  # iface -> (net, nomatch)
         kind = s.type
         for m in s.members:
             text = m.strip()
@@ -166,6 +176,12 @@ class _SetIndex:
                 text = text[: -len(" nomatch")].strip()
             if kind in ("hash:net", "hash:ip"):
                 self.nets.append((ipaddress.ip_network(text, strict=False), nomatch))
+            elif kind == "hash:net,iface":
+                net, sep, iface = text.rpartition(",")
+                if not sep or not iface:
+                    raise ExplainError(f"ipset {s.name}: member {m!r} is not NET,IFACE")
+                entry = (ipaddress.ip_network(net, strict=False), nomatch)
+                self.net_ifaces.setdefault(iface, []).append(entry)
             elif kind == "hash:ip,port":
                 addr, _, pp = text.partition(",")
                 proto, _, port = pp.rpartition(":")
@@ -180,9 +196,20 @@ class _SetIndex:
                 raise ExplainError(f"ipset {s.name}: type {kind!r} not supported by explain")
 
     def contains_ip(self, ip: ipaddress._BaseAddress) -> bool:
-        # hash:net: the most specific entry containing the address decides; nomatch = not in.
+        return self._longest(self.nets, ip)
+
+    def contains_ip_iface(self, ip: ipaddress._BaseAddress, iface: str | None) -> bool:
+        # hash:net,iface: as hash:net among the entries of exactly that interface; a
+        # packet without that interface (e.g. no incoming one) is not in the set.
+        if iface is None:
+            return False
+        return self._longest(self.net_ifaces.get(iface, ()), ip)
+
+    @staticmethod
+    def _longest(entries: Iterable[tuple[ipaddress._BaseNetwork, bool]], ip: ipaddress._BaseAddress) -> bool:
+        # the most specific entry containing the address decides; nomatch = not in.
         best: tuple[int, bool] | None = None
-        for net, nomatch in self.nets:
+        for net, nomatch in entries:
             if net.version == ip.version and ip in net:
                 if best is None or net.prefixlen > best[0] or (net.prefixlen == best[0] and nomatch):
                     best = (net.prefixlen, nomatch)
@@ -241,6 +268,8 @@ class _Walk:
             return False
         if m.protocol is not None and m.protocol != p.protocol:
             return False
+        if m.icmp_type is not None and p.icmp_type != m.icmp_type:
+            return False
         if m.src_net is not None:
             net = ipaddress.ip_network(m.src_net, strict=False)
             if (net.version == self.src.version and self.src in net) == m.src_net_negate:
@@ -258,6 +287,10 @@ class _Walk:
         if m.src_set is not None and self._set(m.src_set).contains_ip(self.src) == m.src_set_negate:
             return False
         if m.dst_set is not None and self._set(m.dst_set).contains_ip(self.dst) == m.dst_set_negate:
+            return False
+        if m.src_iface_set is not None and (
+            self._set(m.src_iface_set).contains_ip_iface(self.src, self.path.in_iface) == m.src_iface_set_negate
+        ):
             return False
         if m.dst_ipport_set is not None and not self._set(m.dst_ipport_set).contains_ipport(
             self.dst, p.protocol, p.dst_port
@@ -400,6 +433,7 @@ def explain_state_flow(
     node_ips: Iterable[str] = (),
     family: int | None = None,
     uplink: str = DEFAULT_UPLINK,
+    icmp_type: int | None = None,
 ) -> Explanation:
     """Explain a NEW flow src -> dst against an already compiled state for one node.
 
@@ -433,7 +467,7 @@ def explain_state_flow(
         )
     else:
         raise ExplainError(f"neither {s.name} nor {d.name} is a local pod{where}: this node does not see the flow")
-    pkt = Packet(fam, src_ip, dst_ip, protocol.lower(), port)
+    pkt = Packet(fam, src_ip, dst_ip, protocol.lower(), port, icmp_type=icmp_type)
     return explain(state, pkt, path, nips, src_name=s.name, dst_name=d.name, node=node)
 
 
@@ -447,11 +481,13 @@ def explain_flow(
     *,
     node_ips: Iterable[str] = (),
     family: int | None = None,
+    icmp_type: int | None = None,
 ) -> Explanation:
     """Compile ``snapshot`` for ``node_config`` and explain the flow src -> dst on that node."""
     from policy_agent.compiler import compile as compile_state
 
     state = compile_state(snapshot, node_config)
     return explain_state_flow(
-        state, snapshot, src, dst, protocol, port, node=node_config.node_name, node_ips=node_ips, family=family
+        state, snapshot, src, dst, protocol, port, node=node_config.node_name, node_ips=node_ips, family=family,
+        icmp_type=icmp_type,
     )

@@ -4,9 +4,15 @@ Each source owns its own slice (``source -> kind -> key -> obj``); a Replace
 swaps a source's whole slice of one kind, so a relist can never leave stale
 objects behind. The effective object for a key is the one from the
 highest-priority source holding it ("kube" first, then the others by name),
-and a Pod is merged with this node's endpoint record: the record's IPs stand in
-until the API server reports ``status.podIPs`` (CNI ADD finishes first), and a
-pod with a record but no ``spec.nodeName`` yet is known to be local.
+and a local Pod is merged with this node's endpoint record (matched by
+namespace/pod): the record's IPs are authoritative, because the CNI assigned
+them. The API's ``status.podIPs`` lags after ADD and can be stale after a
+sandbox was recreated with a new address; anti-spoofing built from a stale
+address would drop the pod's own traffic. A mismatch is logged
+(``endpoint_ip_mismatch``, once per pair). When the record goes (CNI DEL) the
+API's IPs apply again. A pod with a record but no ``spec.nodeName`` yet is
+known to be local; a pod the API places on another node ignores the record
+(a leftover of an earlier pod of the same name here).
 
 ``take_changes()`` returns only keys whose *effective* value changed since the
 last call, so a relist that brings nothing new causes no apply at all.
@@ -71,6 +77,8 @@ class Store:
         self.sync_counts: dict[str, int] = {}
         self.errors: deque[dict[str, Any]] = deque(maxlen=ERROR_HISTORY)
         self.error_count = 0
+        self._changed = False
+        self._mismatch_logged: dict[tuple[str, str], tuple] = {}
 
     # --- input -----------------------------------------------------------------
 
@@ -84,11 +92,14 @@ class Store:
         return per[kind]
 
     def _mark(self, kind: str, key: Any) -> None:
+        self._changed = True
         self._dirty[kind].add(key)
         if kind == "Endpoint":
             self._dirty["Pod"].add(key)  # the record feeds the effective pod
 
-    def apply(self, event: Event) -> None:
+    def apply(self, event: Event) -> bool:
+        """Take one event; True if it changed a source's objects."""
+        self._changed = False
         if isinstance(event, Upsert):
             sl = self._slice(event.source, event.kind)
             if sl.get(event.key) != event.obj:
@@ -118,6 +129,7 @@ class Store:
             )
         else:
             raise TypeError(f"not an event: {event!r}")
+        return self._changed
 
     # --- effective view ----------------------------------------------------------
 
@@ -133,16 +145,27 @@ class Store:
         if pod is None:
             return None
         rec = self._effective["Endpoint"].get(key)  # taken before pods in take_changes()
-        if rec is None:
+        if rec is None or (rec.namespace, rec.pod) != key or pod.node_name not in (None, self.node_name):
+            self._mismatch_logged.pop(key, None)
             return pod
         updates: dict[str, Any] = {}
-        if not pod.ips and rec.ips:
-            ips = []
-            for text in rec.ips:
-                try:
-                    ips.append(ipaddress.ip_address(text.split("/")[0]))
-                except ValueError:
-                    log.warning("endpoint_record_bad_ip", pod=f"{key[0]}/{key[1]}", ip=text)
+        ips = []
+        for text in rec.ips:
+            try:
+                ip = ipaddress.ip_address(text.split("/")[0])
+            except ValueError:
+                log.warning("endpoint_record_bad_ip", pod=f"{key[0]}/{key[1]}", ip=text)
+                continue
+            if ip not in ips:
+                ips.append(ip)
+        if ips and tuple(ips) != pod.ips:
+            if pod.ips and set(ips) != set(pod.ips):
+                pair = (tuple(ips), pod.ips)
+                if self._mismatch_logged.get(key) != pair:
+                    self._mismatch_logged[key] = pair
+                    log.warning("endpoint_ip_mismatch", pod=f"{key[0]}/{key[1]}", record_ips=[str(i) for i in ips],
+                                api_ips=[str(i) for i in pod.ips], container_id=rec.container_id,
+                                using="record")
             updates["ips"] = tuple(ips)
         if pod.node_name is None:
             updates["node_name"] = self.node_name

@@ -36,6 +36,11 @@ def render(s: dict[str, Any]) -> str:
         + "".join(f"\n  {name}: {'in sync' if v['in_sync'] else 'NOT in sync'} (syncs: {v['syncs']})"
                   for name, v in s["sources"].items()),
     ]
+    if s.get("unready_reason"):
+        lines.append(f"unready:       {s['unready_reason']}")
+    fails = s.get("apply_failures") or {}
+    if fails.get("consecutive"):
+        lines.append(f"apply failing: {fails['consecutive']} in a row (last error: {fails.get('last_error')})")
     if s.get("last_apply_time"):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["last_apply_time"]))
         lines.append(f"last apply:    {when} ({_age(s['last_apply_age_seconds'])}, "
@@ -44,7 +49,9 @@ def render(s: dict[str, Any]) -> str:
         lines.append("last apply:    never")
     c = s["counts"]
     lines += [
-        f"applies:       {s['applies']}",
+        f"applies:       {s['applies']}"
+        + (f" (generation {s['applied_generation']} of {s['observed_generation']} enforced)"
+           if "applied_generation" in s else ""),
         f"pending:       {s['pending_events']} events",
         f"objects:       {c['namespaces']} namespaces, {c['pods']} pods, {c['policies']} policies, "
         f"{c['endpoint_records']} endpoint records, {c['links']} links",

@@ -54,12 +54,63 @@ def _accepted(node: NodeConfig) -> Match:
 # --- static skeleton -------------------------------------------------------------
 
 
+def local_endpoints_set_name(family: int) -> str:
+    """The hash:net,iface set of every local endpoint's (address, host interface)."""
+    return naming.ipset_name(family, "e", "local-endpoints")
+
+
+def local_endpoints_set(family: int, members: frozenset[str]) -> IPSet:
+    return IPSet(
+        local_endpoints_set_name(family),
+        family,
+        "hash:net,iface",
+        members,
+        "local endpoints: each pod's own addresses with its host interface",
+    )
+
+
+def endpoint_set_members(ep: "EndpointView") -> frozenset[str]:
+    """This endpoint's entries in the local-endpoints set: "<ip>/<len>,<iface>"."""
+    return frozenset(f"{ip}/{ep.max_prefixlen},{ep.iface}" for ip in ep.ips)
+
+
+def _pod_entry(node: NodeConfig, family: int) -> list[Rule]:
+    """Anti-spoofing and conntrack for packets from (and, FORWARD, to) local pods.
+
+    Anti-spoofing comes first, so an established-flow accept can never be reached
+    with a forged source: the (source address, incoming interface) pair must be a
+    local endpoint's own. An interface the compiler does not know has no entry, so
+    everything it sends is dropped here (fail closed).
+    """
+    wild = naming.iface_wildcard(node.iface_prefix)
+    return [
+        Rule(
+            Match(in_iface=wild, src_iface_set=local_endpoints_set_name(family), src_iface_set_negate=True),
+            DROP,
+            "anti-spoofing: a local pod may send only from its own addresses",
+        ),
+        Rule(Match(in_iface=wild, ctstate=("RELATED", "ESTABLISHED")), ACCEPT, "established or related flow"),
+    ]
+
+
+def _invalid(iface_field: str, wild: str) -> Rule:
+    return Rule(Match(**{iface_field: wild, "ctstate": ("INVALID",)}), DROP, "invalid conntrack state")
+
+
 def static_chains(node: NodeConfig, family: int) -> dict[str, Chain]:
     wild = naming.iface_wildcard(node.iface_prefix)
     ours = node.accept_mark | node.scratch_mark
+    # Established and related packets of a flow that involves a local pod are accepted
+    # here, before dispatch: only a flow's first packet walks the dispatch tree and the
+    # endpoint and policy chains. Scoped to pod interfaces so the host's own FORWARD
+    # rules still decide traffic that does not touch a pod.
     forward = Chain(
         CHAIN_FORWARD,
         (
+            *_pod_entry(node, family),
+            Rule(Match(out_iface=wild, ctstate=("RELATED", "ESTABLISHED")), ACCEPT, "established or related flow"),
+            _invalid("in_iface", wild),
+            _invalid("out_iface", wild),
             Rule(Match(), _mark_clear(node, ours), "clear policy mark bits"),
             Rule(Match(in_iface=wild), Action("JUMP", CHAIN_FROM_WL_DISPATCH), "from a local pod: its egress policy"),
             Rule(Match(out_iface=wild), Action("JUMP", CHAIN_TO_WL_DISPATCH), "to a local pod: its ingress policy"),
@@ -79,11 +130,14 @@ def static_chains(node: NodeConfig, family: int) -> dict[str, Chain]:
         # must work even for an egress-isolated pod, or it loses its gateway.
         # Types as Calico allows them: MLD query/report/done (130-132), router
         # solicitation (133), neighbour solicitation/advertisement (135, 136).
+        # Before anti-spoofing: these come from link-local (or unspecified) sources.
         for icmp_type, what in ND_ICMPV6_TYPES:
             to_host.append(
                 Rule(Match(protocol="ipv6-icmp", icmp_type=icmp_type), ACCEPT, f"ICMPv6 {what} to the node")
             )
     to_host += [
+        *_pod_entry(node, family),
+        _invalid("in_iface", wild),
         Rule(Match(), Action("JUMP", CHAIN_FROM_WL_DISPATCH), "pod egress policy applies to pod-to-node traffic"),
         Rule(Match(), Action(node.endpoint_to_host_action), "configured endpoint_to_host_action"),
     ]
@@ -205,26 +259,19 @@ def _policy_block(node: NodeConfig, ep: EndpointView, direction: str) -> list[Ru
     return rules
 
 
-def _conntrack(node: NodeConfig) -> list[Rule]:
-    return [
-        Rule(Match(ctstate=("RELATED", "ESTABLISHED")), ACCEPT, "established or related flow"),
-        Rule(Match(ctstate=("INVALID",)), DROP, "invalid conntrack state"),
-        Rule(Match(), _mark_clear(node), "clear accept mark"),
-    ]
+def _clear_accept(node: NodeConfig) -> Rule:
+    return Rule(Match(), _mark_clear(node), "clear accept mark")
 
 
 def endpoint_chains(node: NodeConfig, family: int, ep: EndpointView) -> Built:
+    """pa-tw-/pa-fw- for one pod: only a flow's first packet gets here.
+
+    Anti-spoofing and conntrack are done before dispatch (pa-FORWARD, pa-wl-to-host),
+    which are the only ways into these chains.
+    """
     out = Built()
-    tw = Chain(naming.to_workload_chain(ep.iface), tuple(_conntrack(node) + _policy_block(node, ep, "ingress")))
-    spoof = f"anti-spoofing: {ep.ref} may send only from its own addresses"
-    if len(ep.ips) == 1:
-        anti = Rule(Match(src_net=f"{ep.ips[0]}/{ep.max_prefixlen}", src_net_negate=True), DROP, spoof)
-    else:
-        name = naming.ipset_name(family, "e", f"endpoint {ep.ref}")
-        members = frozenset(f"{ip}/{ep.max_prefixlen}" for ip in ep.ips)
-        out.ipsets[name] = IPSet(name, family, "hash:net", members, f"addresses of endpoint {ep.ref}")
-        anti = Rule(Match(src_set=name, src_set_negate=True), DROP, spoof)
-    fw = Chain(naming.from_workload_chain(ep.iface), tuple([anti] + _conntrack(node) + _policy_block(node, ep, "egress")))
+    tw = Chain(naming.to_workload_chain(ep.iface), tuple([_clear_accept(node)] + _policy_block(node, ep, "ingress")))
+    fw = Chain(naming.from_workload_chain(ep.iface), tuple([_clear_accept(node)] + _policy_block(node, ep, "egress")))
     out.chains[tw.name] = tw
     out.chains[fw.name] = fw
     return out

@@ -86,7 +86,7 @@ class Compiler:
         self._ep_fam: dict[int, dict[PodKey, tuple[ch.EndpointView, ch.Built]]] = {f: {} for f in self.families}
         self._endpoints: tuple[LocalEndpoint, ...] = ()
         self._pol_cache: dict[tuple[str, int, str], ch.Built] = {}  # (ref, family, direction)
-        self._tables = {f: _FamilyTable(self._static[f]) for f in self.families}
+        self._tables = {f: _FamilyTable(self._static[f], f) for f in self.families}
 
     # --- loading ----------------------------------------------------------------
 
@@ -409,6 +409,7 @@ class Compiler:
         if (old[0] if old else None) == view:
             return
         t = self._tables[family]
+        t.swap_endpoint_members(old[0] if old else None, view)
         if old is not None:
             for owner in _policy_owners(old[0]):
                 t.pol_refs[owner] -= 1
@@ -452,6 +453,8 @@ class Compiler:
             t = self._tables[family]
             chains[(family, FILTER)] = t.output()
             ipsets.update(t.static_sets)
+            ep_set = t.endpoints_set()
+            ipsets[ep_set.name] = ep_set
             for d in t.scopes_gone:
                 if d not in t.scope_refs:
                     t.scope_sets.pop(d.set_name(family), None)
@@ -478,7 +481,8 @@ class _FamilyTable:
     new one, so an event costs what it touches, not the size of the node.
     """
 
-    def __init__(self, static: dict[str, Chain]) -> None:
+    def __init__(self, static: dict[str, Chain], family: int) -> None:
+        self.family = family
         self.chains: dict[str, Chain] = dict(static)
         self.owners: dict[tuple, ch.Built] = {}
         self.static_sets: dict[str, IPSet] = {}
@@ -492,6 +496,29 @@ class _FamilyTable:
         self.scope_sets: dict[str, IPSet] = {}  # cached ipsets of scope_refs
         self.scopes_new: set[ScopeDef] = set()  # referenced since the last desired()
         self.scopes_gone: set[ScopeDef] = set()  # no longer referenced since then
+        # the local-endpoints set (anti-spoofing), referenced by the static chains
+        self._ep_members: Counter = Counter()
+        self._ep_set: IPSet | None = None
+
+    def swap_endpoint_members(self, old: ch.EndpointView | None, new: ch.EndpointView | None) -> None:
+        """An endpoint's entries (address, interface) change from old's to new's."""
+        before = ch.endpoint_set_members(old) if old is not None else frozenset()
+        after = ch.endpoint_set_members(new) if new is not None else frozenset()
+        if before == after:
+            return  # e.g. only its policies changed: the set object stays the same
+        for m in before:
+            self._ep_members[m] -= 1
+            if not self._ep_members[m]:
+                del self._ep_members[m]
+        for m in after:
+            self._ep_members[m] += 1
+        self._ep_set = None
+
+    def endpoints_set(self) -> IPSet:
+        """Cached until an endpoint's addresses or interface change."""
+        if self._ep_set is None:
+            self._ep_set = ch.local_endpoints_set(self.family, frozenset(self._ep_members))
+        return self._ep_set
 
     def put(self, owner: tuple, built: ch.Built | None) -> None:
         old = self.owners.get(owner)

@@ -28,6 +28,15 @@ Rules and theory
 * Failures: a failed restore changed nothing in that table; the cache is
   dropped, the kernel re-read, the plan recomputed, and the write retried with
   exponential backoff. After ``retries`` attempts DataplaneError is raised.
+* Sweep never wedges the apply: a stale chain that a surviving rule still
+  jumps to (a foreign chain's rule, or a kept stale chain's) is kept as it is
+  and logged once (``dataplane_stale_chain_kept``, with the referrers); it goes
+  on a later sweep once nothing jumps to it. If a transaction that deleted
+  chains fails although it was planned from a fresh read, chain deletes pause
+  until the next refresh (``dataplane_chain_sweep_deferred``). A stale set that
+  cannot be destroyed (in use by something we cannot see: the other iptables
+  backend, a list:set) is logged, skipped until the next refresh, and never
+  fails the apply.
 * Ownership: only chains with our prefix, rules carrying our hash comment (or
   jumping to our chains) in built-in chains, and sets with our prefix are ever
   written, flushed or deleted.
@@ -254,6 +263,11 @@ class Dataplane:
         self._applied: DesiredState | None = None
         self._refs: Counter | None = None
         self._state_text: str | None = None  # last metadata file content written
+        # Sweep back-off, cleared by refresh(): a transaction that deleted stale chains
+        # failed (retries keep those chains), and stale sets whose destroy failed.
+        self._defer_chain_deletes = False
+        self._stale_sets_failed: set[str] = set()
+        self._kept_logged: set[tuple] = set()  # (family, table, chain, referrers) logged once
 
     # --- kernel access --------------------------------------------------------
 
@@ -309,6 +323,8 @@ class Dataplane:
         if self._desired is None:
             return ApplyReport(backend=self.backend)
         self.invalidate()
+        self._defer_chain_deletes = False  # try the sweep again
+        self._stale_sets_failed.clear()
         report = self._converge(self._desired, self._sweep_ok, None)
         if report.changed:
             log.warning("dataplane_repaired", netns=self.netns, **report.log_fields())
@@ -379,7 +395,8 @@ class Dataplane:
         raise DataplaneError(f"dataplane apply failed after {self.retries} attempts: {last}") from last
 
     def _apply_once(self, desired: DesiredState, sweep: bool, report: ApplyReport, delta: _Delta | None) -> None:
-        if self._ipt is None or self._sets is None:
+        fresh = self._ipt is None or self._sets is None
+        if fresh:
             self.read_back()
         assert self._ipt is not None and self._sets is not None
 
@@ -391,6 +408,7 @@ class Dataplane:
 
         # 2./3. one transaction per table, one restore per family.
         todo: list[tuple[int, list[ipt.TablePlan], str]] = []
+        kept: list[tuple[int, ipt.TablePlan]] = []
         try:
             for family in self.families:
                 tables = self._ipt[family]
@@ -400,7 +418,9 @@ class Dataplane:
                 plans = []
                 for t in sorted(names):
                     only = None if delta is None else delta.chains.get((family, t), ())
-                    plans.append(ipt.plan_table(t, desired.table(family, t), hooks, tables.get(t), sweep, only=only))
+                    plans.append(ipt.plan_table(t, desired.table(family, t), hooks, tables.get(t), sweep, only=only,
+                                                delete_chains=not self._defer_chain_deletes))
+                kept += [(family, p) for p in plans if p.kept_referenced]
                 text = "".join(p.restore_text() for p in plans)
                 if text:
                     todo.append((family, plans, text))
@@ -425,6 +445,13 @@ class Dataplane:
             except CommandError as exc:
                 errors.append(exc)
         if errors:
+            if fresh and any(p.deleted for _f, plans, _t in todo for p in plans):
+                # Planned from what we just read, yet it failed: deleting a stale chain may be
+                # what failed (a writer we cannot see, a race): keep stale chains until the next
+                # refresh so the rest applies. (Planned from the cache, a jump to a stale chain
+                # may simply be new to us: the retry re-reads and keeps that chain.)
+                self._defer_chain_deletes = True
+                log.warning("dataplane_chain_sweep_deferred", netns=self.netns, error=str(errors[0]))
             raise errors[0]  # the caller drops the cache and re-reads: one family may be written
         for family, plans, text in todo:
             tables = self._ipt[family]
@@ -437,6 +464,9 @@ class Dataplane:
                     report.chains_deleted += [f"v{family}:{c}" for c in p.deleted]
                     report.hooks_repaired += [f"v{family}:{p.table}:{c}" for c in p.hooks_repaired]
                     tables[p.table] = _update_model(tables.get(p.table), p, desired, family)
+
+        for family, p in kept:
+            self._log_kept(family, p)
 
         # 4. stale sets, only once nothing of ours or anyone else's references them.
         if sweep:
@@ -453,19 +483,60 @@ class Dataplane:
                     for r in c.rules
                     for s in r.ipsets
                 }
-                stale = [n for n in stale if n not in referenced]
+                stale = [n for n in stale if n not in referenced and n not in self._stale_sets_failed]
             if stale:
-                dplan = ips.plan_destroy(stale)
-                self.kernel.ipset_restore(dplan.restore_text())
-                report.ipset_lines += len(dplan.lines)
-                report.restore_calls += 1
-                report.ipsets_destroyed = stale
-                for n in stale:
-                    del self._sets[n]
+                self._destroy_sets(stale, report)
             # 5. once per process: our leftovers in the other backend.
             if self._sweep_other:
-                report.other_backend_cleaned = self._clean_other_backend()
                 self._sweep_other = False
+                try:
+                    report.other_backend_cleaned = self._clean_other_backend()
+                except CommandError as exc:  # not worth failing our own apply for
+                    log.warning("dataplane_other_backend_cleanup_failed", netns=self.netns, error=str(exc))
+
+    def _destroy_sets(self, stale: list[str], report: ApplyReport) -> None:
+        """Destroy stale sets; a failure never fails the apply. Something we cannot see
+        may still use a set (a rule in the other iptables backend or family, another
+        program): ``ipset restore`` stops at the first such set, so the rest are tried
+        one by one and the ones that fail are kept until the next refresh."""
+        assert self._sets is not None
+        dplan = ips.plan_destroy(stale)
+        try:
+            self.kernel.ipset_restore(dplan.restore_text())
+            done = stale
+        except CommandError as exc:
+            log.warning("dataplane_ipset_destroy_failed", netns=self.netns, sets=len(stale), error=str(exc))
+            try:
+                left = ips.parse_ipset_save(self.kernel.ipset_save())
+            except CommandError:
+                left = {n: self._sets[n] for n in stale}
+            done = [n for n in stale if n not in left]
+            for n in [n for n in stale if n in left]:
+                try:
+                    self.kernel.ipset_restore(ips.plan_destroy([n]).restore_text())
+                    done.append(n)
+                except CommandError as exc1:
+                    self._stale_sets_failed.add(n)
+                    log.warning("dataplane_stale_ipset_kept", netns=self.netns, ipset=n, error=str(exc1))
+            done.sort()
+        report.ipset_lines += len(done)
+        report.restore_calls += 1
+        report.ipsets_destroyed = done
+        for n in done:
+            self._sets.pop(n, None)
+
+    def _log_kept(self, family: int, plan: ipt.TablePlan) -> None:
+        for name, referrers in plan.kept_referenced.items():
+            key = (family, plan.table, name, tuple(referrers))
+            if key in self._kept_logged:
+                continue
+            self._kept_logged.add(key)
+            if referrers:
+                log.warning("dataplane_stale_chain_kept", netns=self.netns, family=family, table=plan.table,
+                            chain=name, referenced_by=referrers)
+            else:
+                log.warning("dataplane_stale_chain_kept", netns=self.netns, family=family, table=plan.table,
+                            chain=name, reason="chain deletes deferred after a failed transaction")
 
     def _clean_other_backend(self) -> int:
         other = other_backend(self.backend)

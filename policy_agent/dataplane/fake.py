@@ -39,6 +39,8 @@ class FakeKernel:
         self.tables: dict[int, dict[str, dict[str, tuple[str, list[_Rule]]]]] = {4: {}, 6: {}}
         self.sets: dict[str, dict] = {}
         self.fail_next = 0  # fail this many upcoming restores (either kind)
+        # Fail the next restore whose text contains this (e.g. "destroy", "-X "); each entry once.
+        self.fail_on: list[str] = []
         self.restores: list[tuple[str, str]] = []  # (kind, text) of every successful restore
 
     # --- iptables -------------------------------------------------------------
@@ -58,7 +60,7 @@ class FakeKernel:
         return self.tables[family].get(name) or {c: ("ACCEPT", []) for c in BUILTIN.get(name, ())}
 
     def iptables_restore(self, family: int, text: str) -> None:
-        self._maybe_fail("iptables-restore")
+        self._maybe_fail("iptables-restore", text)
         staged = dict(self.tables[family])
         cur_name, cur = None, None
         for n, line in enumerate(text.splitlines(), 1):
@@ -171,7 +173,7 @@ class FakeKernel:
         )
 
     def ipset_restore(self, text: str) -> None:
-        self._maybe_fail("ipset restore")
+        self._maybe_fail("ipset restore", text)
         for n, line in enumerate(text.splitlines(), 1):
             parts = line.split()
             if not parts or parts[0].startswith("#"):
@@ -225,7 +227,11 @@ class FakeKernel:
                 err("unknown command")
         self.restores.append(("ipset", text))
 
-    def _maybe_fail(self, what: str) -> None:
+    def _maybe_fail(self, what: str, text: str) -> None:
         if self.fail_next > 0:
             self.fail_next -= 1
             raise CommandError([what], 1, "injected failure")
+        for i, needle in enumerate(self.fail_on):
+            if needle in text:
+                del self.fail_on[i]
+                raise CommandError([what], 1, f"injected failure on {needle!r}")

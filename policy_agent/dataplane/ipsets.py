@@ -41,6 +41,15 @@ def _canon_ip(text: str) -> str:
 _V4_HOST = re.compile(r"^((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)/32$")
 
 
+# What the kernel accepts as an interface name (IFNAMSIZ 16 with the NUL; dev_valid_name).
+_IFACE_RE = re.compile(r"^[^/,:\s]{1,15}$")
+
+
+def _canon_net(elem: str) -> str:
+    net = ipaddress.ip_network(elem, strict=False)
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
 @lru_cache(maxsize=1 << 18)
 def canon_member(set_type: str, text: str) -> str:
     """The form ``ipset save`` prints, so desired and kernel members compare equal."""
@@ -57,8 +66,17 @@ def canon_member(set_type: str, text: str) -> str:
             return short
     elem, *flags = text.split()
     if set_type == "hash:net":
-        net = ipaddress.ip_network(elem, strict=False)
-        elem = str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+        elem = _canon_net(elem)
+    elif set_type == "hash:net,iface":
+        # "10.233.1.5/32,eni1234567890a" -> "10.233.1.5,eni1234567890a" (anti-spoofing:
+        # this source address only from this interface). Interface names are case-sensitive.
+        net, sep, iface = elem.rpartition(",")
+        if not sep:
+            raise ValueError(f"hash:net,iface member {text!r} needs <net>,<interface>")
+        name = iface[len("physdev:"):] if iface.startswith("physdev:") else iface
+        if not _IFACE_RE.match(name):
+            raise ValueError(f"bad interface name {iface!r} in member {text!r} (1-15 characters, no '/', ',' or spaces)")
+        elem = f"{_canon_net(net)},{iface}"
     elif set_type == "hash:ip":
         elem = _canon_ip(elem)
     elif set_type == "hash:ip,port":

@@ -133,7 +133,8 @@ class TablePlan:
     rewritten: dict[str, int] = field(default_factory=dict)  # chain -> rule lines written
     hooks_repaired: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
-    kept_referenced: list[str] = field(default_factory=list)  # stale but still referenced by others
+    # stale chains left in place -> the chains whose rules still jump to them
+    kept_referenced: dict[str, list[str]] = field(default_factory=dict)
     rendered: dict[str, list[str]] = field(default_factory=dict)  # chain -> its full -A lines, if rendered
 
     def restore_text(self) -> str:
@@ -180,9 +181,12 @@ def plan_table(
     kernel: KTable | None,
     sweep: bool,
     only: Collection[str] | None = None,
+    delete_chains: bool = True,
 ) -> TablePlan:
     """Plan one table. ``only``: the desired chains that may differ from ``kernel``
-    (the caller knows the rest are as last written); None compares every chain."""
+    (the caller knows the rest are as last written); None compares every chain.
+    ``delete_chains=False`` (sweep only): stale hooks go, stale chains stay (the
+    dataplane backs off deleting chains after a transaction with deletions failed)."""
     plan = TablePlan(table)
     kernel = kernel or KTable(table)
     chains = kernel.chains
@@ -227,25 +231,54 @@ def plan_table(
     tail: list[str] = []
     if sweep:
         stale = sorted(n for n in chains.keys() - desired.keys() if owns_chain(n))
-        # A foreign rule (not ours) that still jumps to a stale chain would make -X fail
-        # and abort the whole table transaction: leave such chains for the operator.
-        foreign_refs = {
-            r.target
-            for c in (chains.values() if stale else ())
-            if not owns_chain(c.name)
-            for r in c.rules
-            if not r.ours and r.target
-        }
-        for name in stale:
-            if name in foreign_refs:
-                plan.kept_referenced.append(name)
-                continue
-            if chains[name].rules:
-                tail.append(f"-F {name}")
-            plan.deleted.append(name)
-        tail.extend(f"-X {name}" for name in plan.deleted)
+        if stale:
+            kept = stale_chain_referrers(chains, stale, delete_chains)
+            plan.kept_referenced = kept
+            for name in stale:
+                if name in kept:
+                    continue
+                if chains[name].rules:
+                    tail.append(f"-F {name}")
+                plan.deleted.append(name)
+            tail.extend(f"-X {name}" for name in plan.deleted)
     plan.lines = decl + body + hook_lines + tail
     return plan
+
+
+def stale_chain_referrers(
+    chains: Mapping[str, KChain], stale: Iterable[str], delete: bool = True
+) -> dict[str, list[str]]:
+    """Stale chains of ours that must stay, each with the chains that still jump to it.
+
+    ``-X`` of a chain that any rule still jumps to fails, and with it the whole table
+    transaction, on every later apply. Rules that survive this transaction are: every
+    rule in a foreign (non-built-in, not ours) chain, whoever wrote it; rules in
+    built-in chains that are not ours (ours there are hooks: re-planned or deleted in
+    the same transaction); and the rules of stale chains that are themselves kept
+    (so a kept chain keeps what it jumps to: the closure). Felix keeps referenced
+    chains too. ``delete=False``: every stale chain stays (no referrer recorded).
+    """
+    stale = set(stale)
+    if not delete:
+        return {n: [] for n in sorted(stale)}
+    refs: dict[str, set[str]] = {}
+    for c in chains.values():
+        if owns_chain(c.name):
+            continue
+        for r in c.rules:
+            t = r.target
+            if t in stale and not (c.builtin and r.ours):
+                refs.setdefault(t, set()).add(c.name)
+    todo = list(refs)
+    while todo:  # a kept chain's own jumps keep their stale targets
+        name = todo.pop()
+        for r in chains[name].rules:
+            t = r.target
+            if t in stale and t != name:
+                if t not in refs:
+                    todo.append(t)
+                refs.setdefault(t, set()).add(name)
+    return {n: sorted(v) for n, v in sorted(refs.items())}
 
 
 def cleanup_table(kernel: KTable) -> TablePlan:

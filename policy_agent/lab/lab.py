@@ -516,24 +516,33 @@ class Lab:
         _wait_for(self.in_sync, timeout, f"agent of lab {self.name} to report in sync (see {self.path('logs', 'agent.log')})",
                   alive=self.pids.get("agent"))
 
-    def wait_enforced(self, since_wall: float, timeout: float = 60.0) -> None:
+    def observed_generation(self) -> int | None:
+        """The agent's count of store changes so far (None: agent down or too old to say)."""
+        gen = (self.agent_status() or {}).get("observed_generation")
+        return gen if isinstance(gen, int) else None
+
+    def wait_enforced(self, since_wall: float, timeout: float = 60.0, since_generation: int | None = None) -> None:
         """Return when the agent has applied everything written at ``since_wall``.
 
-        Evidence: /readyz, every local pod's status file, no pending events, and an apply
-        that ended after the write (a write that changes nothing in the model triggers no
-        apply: then no pending events for a settle period is the evidence)."""
+        Evidence: /readyz, every local pod's status file, no pending events, the agent's
+        applied_generation equal to its observed_generation, and our change observed:
+        observed_generation beyond ``since_generation`` (read before the write) or an
+        apply that ended after the write. A write that changes nothing in the model moves
+        neither, so no pending events for a settle period is the evidence then."""
         if not self.agent:
             return
         deadline = time.monotonic() + timeout
         settle_until = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             st = self.agent_status() or {}
-            gen_ok = True
-            if "applied_generation" in st and "observed_generation" in st:
-                gen_ok = st["applied_generation"] >= st["observed_generation"]
+            gen_ok, seen = True, False
+            observed, applied = st.get("observed_generation"), st.get("applied_generation")
+            if isinstance(observed, int) and isinstance(applied, int):
+                gen_ok = applied >= observed
+                seen = since_generation is not None and observed > since_generation
             quiet = st.get("pending_events", 1) == 0 and st.get("in_sync", False)
             applied_after = (st.get("last_apply_time") or 0) >= since_wall
-            if quiet and gen_ok and self._counts_match(st) and (applied_after or time.monotonic() >= settle_until) \
+            if quiet and gen_ok and self._counts_match(st) and (seen or applied_after or time.monotonic() >= settle_until) \
                     and self.in_sync():
                 return
             time.sleep(0.05)
@@ -572,11 +581,11 @@ class Lab:
             if self.objects.get(key) != d:
                 changed.append(key)
             self.objects[key] = d
-        since = time.time()
+        since, gen = time.time(), self.observed_generation()
         self._publish([d for d in docs if obj_key(d) in changed])
         self.save()
         if changed:
-            self.wait_enforced(since, timeout)
+            self.wait_enforced(since, timeout, gen)
         return changed
 
     def delete(self, docs: list[dict], timeout: float = 60.0) -> list[str]:
@@ -593,14 +602,14 @@ class Lab:
                 for k in [k for k in self.objects if k.split("/")[1] == ns and not k.startswith("Namespace/")]:
                     gone.append(self.objects.pop(k))
                     removed.append(k)
-        since = time.time()
+        since, gen = time.time(), self.observed_generation()
         self._publish([], gone)  # objects first, then the pods' interfaces (CNI DEL) go
         self.save()
         for k in removed:
             if k.startswith("Pod/"):
                 self._remove_pod(k.split("/", 1)[1])
         if removed:
-            self.wait_enforced(since, timeout)
+            self.wait_enforced(since, timeout, gen)
         return removed
 
     # --- observation --------------------------------------------------------------------

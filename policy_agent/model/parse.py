@@ -22,6 +22,18 @@ Decisions where the API server is looser or stricter than one might expect:
   is rejected, as the API server rejects it.
 - Label values must be strings: YAML ``version: 1`` is rejected (quote it), as
   kubectl/the API server reject it.
+- Boolean fields (``spec.hostNetwork``) must be real booleans (or absent/null =
+  false): a string ``"true"`` is rejected, as the API server rejects it. Taking
+  its truthiness would make ``"false"`` a host-network pod, exempt from policy.
+
+Trust note on pod IPs: ``status.podIPs``/``status.podIP`` are written by the
+kubelet (node credentials). The AWS VPC CNI annotation
+``vpc.amazonaws.com/pod-ips`` is only a fallback while status has no IP yet, and
+it is user-writable: anyone who may update the pod's metadata can put any
+address there. It is therefore never consulted (not even parsed) once status
+reports an IP, and on this node the CNI endpoint record overrides both (see
+policy_agent.store). A forged annotation can at most misdescribe a pod that has
+no status IP yet, for peers' ipsets.
 
 Hot path note: 10,000 pods go through ``parse_pod`` on a relist, so regexes are
 compiled once at import and the common case does no extra allocation.
@@ -313,6 +325,14 @@ def parse_namespace(d: Mapping[str, Any]) -> Namespace:
 # --- Pod ----------------------------------------------------------------------------
 
 
+def _bool(ctx: _Ctx, value: Any, path: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ctx.err(path, f"must be a boolean (true/false), not {value!r}")
+    return value
+
+
 def _ip(ctx: _Ctx, value: Any, path: str):
     if not isinstance(value, str):
         raise ctx.err(path, f"must be an IP address string, not {value!r}")
@@ -331,7 +351,7 @@ def _pod_ips(ctx: _Ctx, meta: Mapping[str, Any], status: Mapping[str, Any]) -> t
         ips.append(_ip(ctx, entry.get("ip"), f"{path}.ip"))
     if not ips and status.get("podIP"):
         ips.append(_ip(ctx, status.get("podIP"), "status.podIP"))
-    if not ips:
+    if not ips:  # only now: the annotation is user-writable (module docstring)
         ann = meta.get("annotations")
         text = ann.get(AWS_POD_IPS_ANNOTATION) if isinstance(ann, Mapping) else None
         if text:
@@ -390,7 +410,7 @@ def parse_pod(d: Mapping[str, Any]) -> Pod:
         node_name=node or None,
         ips=_pod_ips(ctx, meta, status),
         ports=_container_ports(ctx, spec),
-        host_network=bool(spec.get("hostNetwork", False)),
+        host_network=_bool(ctx, spec.get("hostNetwork"), "spec.hostNetwork"),
         phase=phase if isinstance(phase, str) else "",
         uid=_str_field(meta, "uid"),
         resource_version=_str_field(meta, "resourceVersion"),

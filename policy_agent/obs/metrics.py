@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 # Applies are milliseconds to seconds; event-to-enforced should stay below 100 ms.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -40,7 +40,19 @@ class Metrics:
         self.ipset_members = Gauge("policy_agent_ipset_members_programmed", "Members of our ipsets", registry=r)
         self.endpoints = Gauge("policy_agent_local_endpoints", "Local pod endpoints with rules", registry=r)
         self.in_sync = Gauge("policy_agent_in_sync", "1 when every source reported its initial state", registry=r)
-        self.ready = Gauge("policy_agent_ready", "1 after the first apply in sync", registry=r)
+        self.ready = Gauge(
+            "policy_agent_ready", "1 after the first apply in sync while applies are not failing (/readyz)", registry=r
+        )
+        self.apply_failures = Gauge(
+            "policy_agent_apply_consecutive_failures", "Applies that failed in a row (0 after a success)", registry=r
+        )
+        self.last_apply_error = Info("policy_agent_last_apply_error", "Error of the last failed apply", registry=r)
+        self.observed_generation = Gauge(
+            "policy_agent_observed_generation", "Store changes accepted so far", registry=r
+        )
+        self.applied_generation = Gauge(
+            "policy_agent_applied_generation", "observed_generation covered by the last successful apply", registry=r
+        )
         self.pending = Gauge("policy_agent_pending_events", "Events received but not yet enforced", registry=r)
         self.last_apply = Gauge(
             "policy_agent_last_apply_timestamp_seconds", "Unix time of the last successful apply", registry=r

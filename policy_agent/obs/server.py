@@ -1,7 +1,9 @@
 """Health, readiness, metrics and status over HTTP (localhost by default).
 
   GET /livez    200 while the agent loop runs (it iterates at least once a second)
-  GET /readyz   200 once the first apply after every source was in sync is done, else 503
+  GET /readyz   200 once the first apply after every source was in sync is done and while
+                applies are not failing (N in a row, or a change waiting too long); else 503
+                with the reason in the body. /livez stays 200 then: a restart would not help.
   GET /metrics  Prometheus text format
   GET /status   JSON: in sync?, last apply time and duration, pending events, errors, counts
 """
@@ -58,13 +60,8 @@ class _Handler(BaseHTTPRequestHandler):
                 ok = agent.alive
                 self._send(200 if ok else 503, b"ok\n" if ok else b"agent loop not running\n")
             elif path == "/readyz":
-                if agent.ready:
-                    self._send(200, b"ok\n")
-                elif not agent.in_sync:
-                    waiting = sorted(agent.expected_sources - agent.store.in_sync_sources)
-                    self._send(503, f"waiting for sources: {', '.join(waiting)}\n".encode())
-                else:
-                    self._send(503, b"in sync, first apply not done yet\n")
+                ok, why = agent.readiness()
+                self._send(200 if ok else 503, f"{why}\n".encode())
             elif path == "/metrics":
                 self._send(200, agent.metrics.render(), CONTENT_TYPE_LATEST)
             elif path == "/status":

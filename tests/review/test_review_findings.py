@@ -72,9 +72,6 @@ def node_ns():
 
 
 @pytest.mark.kernel
-@pytest.mark.xfail(strict=True, reason="iptables.plan_table: a foreign rule jumping to a stale chain of ours is "
-                   "excluded from foreign_refs (it counts as 'ours' by target), so the sweep -X fails and every "
-                   "later apply of the whole table fails")
 def test_foreign_jump_to_stale_chain_does_not_wedge_apply(node_ns):
     dp = Dataplane(netns=node_ns, backend="nft", families=(4,), retries=2, backoff=0.01)
     dp.apply(_desired(CLUSTER, EGRESS_POLICY), allow_sweep=True)
@@ -109,8 +106,6 @@ def _get(url: str) -> int:
         return e.code
 
 
-@pytest.mark.xfail(strict=True, reason="agent/obs: /readyz stays 200 forever after the first apply even while "
-                   "every later apply fails (issue 3: repeated failure makes health unready)")
 def test_readyz_goes_unready_when_applies_keep_failing(tmp_path):
     kernel = FakeKernel()
     src = ManualSource("kube")

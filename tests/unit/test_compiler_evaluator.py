@@ -119,6 +119,7 @@ class Packet:
     out_iface: str | None = None
     ctstate: str = "NEW"
     mark: int = 0
+    icmp_type: int | None = None
 
     @property
     def family(self) -> int:
@@ -146,6 +147,21 @@ def _in_net_set(s: IPSet, addr: str) -> bool:
     return best is not None and not best[1]
 
 
+def _in_net_iface_set(s: IPSet, addr: str, iface: str | None) -> bool:
+    """hash:net,iface matched as src,src: the entries of exactly that interface, as hash:net."""
+    if iface is None:
+        return False
+    ip = ipaddress.ip_address(addr)
+    best: tuple[int, bool] | None = None
+    for m in s.members:
+        text, _, flag = m.partition(" ")
+        net_text, _, name = text.rpartition(",")
+        net = ipaddress.ip_network(net_text)
+        if name == iface and net.version == ip.version and ip in net and (best is None or net.prefixlen > best[0]):
+            best = (net.prefixlen, flag == "nomatch")
+    return best is not None and not best[1]
+
+
 def _set_lookup(state: DesiredState, name: str) -> IPSet:
     if name not in state.ipsets:
         raise AssertionError(f"rule references ipset {name} that the state does not define")
@@ -156,6 +172,8 @@ def matches(state: DesiredState, m: Match, p: Packet, mark: int) -> bool:
     if not _iface_match(m.in_iface, p.in_iface) or not _iface_match(m.out_iface, p.out_iface):
         return False
     if m.protocol and m.protocol != p.proto:
+        return False
+    if m.icmp_type is not None and m.icmp_type != p.icmp_type:
         return False
     for net, neg, addr in ((m.src_net, m.src_net_negate, p.src), (m.dst_net, m.dst_net_negate, p.dst)):
         if net:
@@ -174,6 +192,11 @@ def matches(state: DesiredState, m: Match, p: Packet, mark: int) -> bool:
             assert s.type == "hash:net" and s.family == p.family, s
             if _in_net_set(s, addr) == neg:
                 return False
+    if m.src_iface_set:
+        s = _set_lookup(state, m.src_iface_set)
+        assert s.type == "hash:net,iface" and s.family == p.family, s
+        if _in_net_iface_set(s, p.src, p.in_iface) == m.src_iface_set_negate:
+            return False
     if m.dst_ipport_set:
         s = _set_lookup(state, m.dst_ipport_set)
         assert s.type == "hash:ip,port" and s.family == p.family, s

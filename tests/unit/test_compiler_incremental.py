@@ -14,6 +14,7 @@ from test_compiler_evaluator import (
     allowed,
     assert_well_formed,
     external_to_pod,
+    iface_of,
     make_ns,
     make_pod,
     make_policy,
@@ -302,3 +303,30 @@ def test_verdicts_agree_with_reference_semantics(seed):
                 assert allowed(pod_to_external(state, src, ext, proto=proto, dport=dport)) == want_out
                 want_in = ref.direction_ok(src, ING, None, eip, proto, dport, src)
                 assert allowed(external_to_pod(state, ext, src, proto=proto, dport=dport)) == want_in
+
+
+def test_local_endpoints_set_follows_local_pods():
+    """The anti-spoofing set gains and loses (address, interface) pairs as local pods come
+    and go; a remote pod or a policy change leaves the very same set object."""
+    from policy_agent.shared import naming
+
+    name = naming.ipset_name(4, "e", "local-endpoints")
+    c = Compiler(node_config())
+    c.upsert_namespace(make_ns("default"))
+    assert c.desired().ipsets[name].members == frozenset()
+    a = make_pod("a", ips=("10.233.0.1",), labels={"app": "a"})
+    c.upsert_pod(a)
+    s1 = c.desired().ipsets[name]
+    assert s1.members == {f"10.233.0.1/32,{iface_of(a)}"}
+    c.upsert_pod(make_pod("r", ips=("10.233.0.2",), node="node-2"))  # remote
+    c.upsert_policy(make_policy("p", pod_selector=sel({"app": "a"}), ingress=[]))  # selects a: its chains change
+    c.upsert_pod(make_pod("a", ips=("10.233.0.1",), labels={"app": "a", "v": "2"}))  # labels only
+    assert c.desired().ipsets[name] is s1
+    c.upsert_pod(make_pod("a", ips=("10.233.0.1", "10.233.0.5")))  # a second address
+    assert c.desired().ipsets[name].members == {f"10.233.0.1/32,{iface_of(a)}", f"10.233.0.5/32,{iface_of(a)}"}
+    c.upsert_pod(make_pod("a", ips=("10.233.0.1",), node="node-2"))  # moved away
+    assert c.desired().ipsets[name].members == frozenset()
+    c.upsert_pod(a)
+    c.delete_pod("default", "a")
+    assert c.desired().ipsets[name].members == frozenset()
+    assert c.desired() == compile(ClusterSnapshot.of(_current_objects(c)), node_config())

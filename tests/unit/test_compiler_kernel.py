@@ -131,8 +131,111 @@ def test_anti_spoofing_with_real_packets(namespaces):
         netns.ip(ans, "route", "replace", "10.233.0.21/32", "via", "169.254.1.1", "dev", "eth0",
                  "src", "10.233.0.99")
         assert not netns.probe_many([netns.Probe(ans, "10.233.0.21", 8080, key="spoof")], timeout=1.5)["spoof"]
-        counters = netns.run(node, "iptables", "-L", f"pa-fw-{veth_name('eni', 'default', 'a')}", "-v", "-n",
-                             "-x").stdout
-        assert any("anti-spoofing" in line and not line.split()[0] == "0" for line in counters.splitlines())
+        assert _antispoof_packets(node) > 0  # dropped by the anti-spoofing rule of pa-FORWARD
     finally:
         netns.stop_server(server)
+
+
+def _udp(ns: str, bind: tuple[str, int]):
+    import socket
+
+    with netns.in_netns(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: the address may be added after the bind
+    s.bind(bind)
+    return s
+
+
+def _received(sock, timeout: float) -> list[bytes]:
+    """Every datagram that arrives within ``timeout``."""
+    import socket
+    import time
+
+    out, end = [], time.monotonic() + timeout
+    while (left := end - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            out.append(sock.recvfrom(2048)[0])
+        except socket.timeout:
+            break
+    return out
+
+
+def _three_pods(namespaces, policies=()):
+    node = namespaces("node")
+    netns.enable_forwarding(node)
+    pods = {n: make_pod(n, ips=(f"10.233.0.{30 + i}",), labels={"app": n}) for i, n in enumerate("abc")}
+    pns = {}
+    for n, p in pods.items():
+        pns[n] = namespaces(n)
+        netns.add_veth(node, pns[n], veth_name("eni", "default", n), [str(p.ips[0])])
+    _apply(node, compile(ClusterSnapshot.of([make_ns("default"), *pods.values(), *policies]), node_config()))
+    return node, pns
+
+
+def _antispoof_packets(node: str) -> int:
+    out = netns.run(node, "iptables", "-L", "pa-FORWARD", "-v", "-n", "-x").stdout
+    return sum(int(line.split()[0]) for line in out.splitlines() if "anti-spoofing" in line)
+
+
+def test_pod_cannot_connect_with_another_local_pods_address(namespaces):
+    """a holds b's address as a secondary one (as a privileged pod could) and uses it to
+    connect to c: dropped before any policy, even though nobody is isolated."""
+    import socket
+
+    node, pns = _three_pods(namespaces)
+    netns.ip(pns["a"], "addr", "add", "10.233.0.31/32", "dev", "eth0")
+    server = netns.start_server(pns["c"], tcp_ports=[8080])
+    try:
+        assert netns.probe_many([netns.Probe(pns["a"], "10.233.0.32", 8080, key="own")], timeout=1.5)["own"]
+        got = None
+        for _ in range(2):
+            with netns.in_netns(pns["a"]):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("10.233.0.31", 0))
+                s.settimeout(1.5)
+                s.connect(("10.233.0.32", 8080))
+                got = True
+            except OSError:
+                got = False
+            finally:
+                s.close()
+        assert got is False
+        assert _antispoof_packets(node) > 0
+    finally:
+        netns.stop_server(server)
+
+
+def test_forged_packet_of_an_established_udp_flow_is_not_delivered(namespaces):
+    """b <-> c is an established UDP flow; a (egress: deny all) sends a datagram with the
+    flow's exact tuple (b's address and port). The conntrack accept at the top of
+    pa-FORWARD would take it; anti-spoofing, ahead of it, drops it. Control: without
+    the anti-spoofing rule the same datagram is delivered, so the forged packet really
+    is part of the established flow (a's egress policy would drop a new one)."""
+    deny_a = make_policy("a-no-egress", pod_selector=sel({"app": "a"}), egress=[], types=["Egress"])
+    node, pns = _three_pods(namespaces, [deny_a])
+    netns.ip(pns["a"], "addr", "add", "10.233.0.31/32", "dev", "eth0")
+    c = _udp(pns["c"], ("10.233.0.32", 7777))
+    b = _udp(pns["b"], ("10.233.0.31", 5555))
+    a = _udp(pns["a"], ("10.233.0.31", 5555))
+    try:
+        for attempt in range(5):  # the first datagrams may wait for neighbour resolution
+            b.sendto(b"hello %d" % attempt, ("10.233.0.32", 7777))
+            if _received(c, 1.0):
+                break
+        c.sendto(b"reply", ("10.233.0.31", 5555))
+        assert b"reply" in _received(b, 2.0)  # the flow is now ESTABLISHED in the node
+        before = _antispoof_packets(node)
+        a.sendto(b"forged", ("10.233.0.32", 7777))
+        assert b"forged" not in _received(c, 1.5)
+        assert _antispoof_packets(node) > before
+        b.sendto(b"genuine", ("10.233.0.32", 7777))
+        assert b"genuine" in _received(c, 2.0)  # the real flow is untouched
+        # control: remove anti-spoofing from pa-FORWARD (rule 1) and forge again
+        netns.run(node, "iptables", "-D", "pa-FORWARD", "1")
+        a.sendto(b"forged again", ("10.233.0.32", 7777))
+        assert b"forged again" in _received(c, 2.0)
+    finally:
+        for s in (a, b, c):
+            s.close()

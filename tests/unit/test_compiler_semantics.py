@@ -295,11 +295,39 @@ def test_anti_spoofing():
     spoof = Packet("10.233.0.99", "10.233.1.1", in_iface=iface_of(WEB), out_iface=HOST_IFACE)
     t = walk(s, "FORWARD", spoof)
     assert t.verdict == "DROP" and t.comments()[-1].startswith("anti-spoofing")
-    # even when the spoofed packet would look like an established flow
-    assert walk(s, "FORWARD", Packet("10.233.0.11", "10.233.1.1", in_iface=iface_of(WEB), out_iface=HOST_IFACE,
-                                     ctstate="ESTABLISHED")).verdict == "DROP"
+    # even when the spoofed packet would look like an established flow: another local
+    # pod's address (to a remote or to a local pod), or a remote address
+    for src, out in (("10.233.0.11", HOST_IFACE), ("10.233.0.11", iface_of(DB)), ("10.233.1.1", iface_of(DB))):
+        t = walk(s, "FORWARD", Packet(src, "10.233.0.11" if out != HOST_IFACE else "10.233.1.1",
+                                      in_iface=iface_of(WEB), out_iface=out, ctstate="ESTABLISHED"))
+        assert t.verdict == "DROP" and t.comments()[-1].startswith("anti-spoofing"), (src, out)
+        t = walk(s, "INPUT", Packet(src, "10.0.0.1", in_iface=iface_of(WEB), ctstate="ESTABLISHED"))
+        assert t.verdict == "DROP" and t.comments()[-1].startswith("anti-spoofing"), src
+    # the genuine established packet passes, before any dispatch
+    t = walk(s, "FORWARD", Packet("10.233.0.10", "10.233.0.11", in_iface=iface_of(WEB), out_iface=iface_of(DB),
+                                  ctstate="ESTABLISHED"))
+    assert t.verdict == "ACCEPT" and [c for c, _ in t.rules] == ["pa-FORWARD"]
     ok6 = Packet("fd00:233::10", "2001:db8::1", in_iface=iface_of(WEB), out_iface=HOST_IFACE)
     assert allowed(walk(s, "FORWARD", ok6))
+    # the anti-spoofing rule is the first of pa-FORWARD, ahead of the conntrack accept
+    first = s.table(4)[naming.CHAIN_FORWARD].rules[0]
+    assert first.match.src_iface_set_negate and first.action.verb == "DROP"
+    assert first.match.src_iface_set == naming.ipset_name(4, "e", "local-endpoints")
+
+
+def test_local_endpoints_set_pairs_each_address_with_its_interface():
+    s = compile(ClusterSnapshot.of([*NS, *PODS]), node_config(ipv6=True))
+    v4 = s.ipsets[naming.ipset_name(4, "e", "local-endpoints")]
+    v6 = s.ipsets[naming.ipset_name(6, "e", "local-endpoints")]
+    assert v4.type == v6.type == "hash:net,iface"
+    assert v4.members == {f"10.233.0.10/32,{iface_of(WEB)}", f"10.233.0.11/32,{iface_of(DB)}"}
+    assert v6.members == {f"fd00:233::10/128,{iface_of(WEB)}"}  # DB has no IPv6 address
+    # DB's IPv6 traffic: no entry, so dropped by anti-spoofing
+    t = walk(s, "FORWARD", Packet("fd00:233::11", "2001:db8::1", in_iface=iface_of(DB), out_iface=HOST_IFACE))
+    assert t.verdict == "DROP" and t.comments()[-1].startswith("anti-spoofing")
+    # a node without pods still has (empty) sets: the static chains reference them
+    empty = compile(ClusterSnapshot.of(NS), node_config(ipv6=True))
+    assert empty.ipsets[v4.name].members == frozenset() and empty.ipsets[v6.name].members == frozenset()
 
 
 def test_anti_spoofing_with_several_addresses_uses_an_endpoint_set():
@@ -309,17 +337,29 @@ def test_anti_spoofing_with_several_addresses_uses_an_endpoint_set():
         assert allowed(walk(s, "FORWARD", Packet(src, "1.1.1.1", in_iface=iface_of(multi), out_iface=HOST_IFACE)))
     assert not allowed(walk(s, "FORWARD", Packet("10.233.0.42", "1.1.1.1", in_iface=iface_of(multi),
                                                   out_iface=HOST_IFACE)))
-    assert any(n.startswith("pa4e-") for n in s.ipsets)
+    ep_set = s.ipsets[naming.ipset_name(4, "e", "local-endpoints")]
+    assert ep_set.members == {f"10.233.0.40/32,{iface_of(multi)}", f"10.233.0.41/32,{iface_of(multi)}"}
+    # one pod's address from another pod's interface is still forged
+    other = make_pod("o", ips=("10.233.0.43",))
+    s = state_of(*NS, multi, other)
+    t = walk(s, "FORWARD", Packet("10.233.0.40", "1.1.1.1", in_iface=iface_of(other), out_iface=HOST_IFACE))
+    assert t.verdict == "DROP" and t.comments()[-1].startswith("anti-spoofing")
 
 
 def test_unknown_interface_with_our_prefix_is_dropped_and_others_untouched():
     s = state_of(*NS, *PODS)
     for p in (
-        Packet("10.233.9.9", "10.233.1.1", in_iface="eni0123456789a", out_iface=HOST_IFACE),
         Packet("10.233.1.1", "10.233.9.9", in_iface=HOST_IFACE, out_iface="enifffffffffff"),
+        Packet("10.233.1.1", "10.233.9.9", in_iface=HOST_IFACE, out_iface="enifffffffffff", ctstate="INVALID"),
     ):
         t = walk(s, "FORWARD", p)
-        assert t.verdict == "DROP" and t.comments()[-1] == "unknown interface"
+        assert t.verdict == "DROP" and t.comments()[-1] in ("unknown interface", "invalid conntrack state")
+    # from an unknown interface, even with a known pod's address or as an established flow:
+    # it has no entry in the local-endpoints set, so anti-spoofing drops it (fail closed)
+    for src, ct in (("10.233.9.9", "NEW"), ("10.233.0.10", "NEW"), ("10.233.0.10", "ESTABLISHED")):
+        p = Packet(src, "10.233.1.1", in_iface="eni0123456789a", out_iface=HOST_IFACE, ctstate=ct)
+        t = walk(s, "FORWARD", p)
+        assert t.verdict == "DROP" and t.comments()[-1].startswith("anti-spoofing"), (src, ct)
     assert walk(s, "FORWARD", Packet("10.1.1.1", "10.2.2.2", in_iface="eth1", out_iface=HOST_IFACE)).verdict \
         == "CONTINUE"
     t = walk(s, "INPUT", Packet("10.233.9.9", "10.0.0.1", in_iface="eni0123456789a"))
@@ -345,8 +385,14 @@ def test_node_to_own_pods_is_allowed_and_pod_to_node_passes_egress():
 def test_ipv6_neighbour_discovery_to_the_node_survives_egress_deny():
     deny_all = make_policy("deny", egress=[], types=["Egress"])
     s = state_of(*NS, *PODS, deny_all)
-    ns_msg = Packet("fe80::1", "ff02::1:ff00:1", proto="ipv6-icmp", in_iface=iface_of(WEB))
-    assert allowed(walk(s, "INPUT", ns_msg))
+    for icmp_type in (130, 131, 132, 133, 135, 136):
+        ns_msg = Packet("fe80::1", "ff02::1:ff00:1", proto="ipv6-icmp", in_iface=iface_of(WEB), icmp_type=icmp_type)
+        assert allowed(walk(s, "INPUT", ns_msg)), icmp_type
+    # other ICMPv6 from a link-local source (router advertisement, echo) is not the pod's address
+    for icmp_type in (128, 134, 137, None):
+        msg = Packet("fe80::1", "ff02::1", proto="ipv6-icmp", in_iface=iface_of(WEB), icmp_type=icmp_type)
+        t = walk(s, "INPUT", msg)
+        assert t.verdict == "DROP" and t.comments()[-1].startswith("anti-spoofing"), icmp_type
 
 
 def test_conntrack_established_accepted_invalid_dropped():
@@ -357,8 +403,19 @@ def test_conntrack_established_accepted_invalid_dropped():
     assert not allowed(external_to_pod(s, "192.0.2.1", WEB, ctstate="INVALID"))
     s = state_of(*NS, *PODS)
     assert not allowed(external_to_pod(s, "192.0.2.1", WEB, ctstate="INVALID"))
-    tw = s.table(4)[naming.to_workload_chain(iface_of(WEB))]
-    assert tw.rules[0].match.ctstate == ("RELATED", "ESTABLISHED") and tw.rules[1].match.ctstate == ("INVALID",)
+    # conntrack is decided in pa-FORWARD, before dispatch; the endpoint chains see only new flows
+    t = external_to_pod(s, "192.0.2.1", WEB, ctstate="ESTABLISHED")
+    assert [c for c, _ in t.rules] == ["pa-FORWARD"] and t.comments() == ["established or related flow"]
+    t = pod_to_external(s, WEB, "192.0.2.1", ctstate="RELATED")
+    assert t.verdict == "ACCEPT" and {c for c, _ in t.rules} == {"pa-FORWARD"}
+    t = pod_to_external(s, WEB, "192.0.2.1", ctstate="INVALID")
+    assert t.verdict == "DROP" and t.comments()[-1] == "invalid conntrack state"
+    for chain in (naming.to_workload_chain(iface_of(WEB)), naming.from_workload_chain(iface_of(WEB))):
+        assert not any(r.match.ctstate for r in s.table(4)[chain].rules)
+    # traffic not touching a pod interface is left to the host's own FORWARD rules
+    other = walk(s, "FORWARD", Packet("10.1.1.1", "10.2.2.2", in_iface="eth1", out_iface=HOST_IFACE,
+                                      ctstate="ESTABLISHED"))
+    assert other.verdict == "CONTINUE" and other.rules[-1][1].comment == "clear policy mark bits"
 
 
 def test_egress_only_policy_leaves_ingress_open_and_types_decide():

@@ -65,3 +65,17 @@ def test_render_iptables_save_and_ipset_restore_are_deterministic():
     assert ips[1] == "create pa4s-b hash:net family inet maxelem 1048576 -exist"
     assert ips[2:] == ["add pa4s-b 10.0.0.1/32 -exist", "add pa4s-b 10.0.0.2/32 -exist"]
     assert st.table(4)["pa-a"].references == {"pa-b"}
+
+
+def test_src_iface_set_renders_src_src_and_is_a_referenced_set():
+    m = Match(in_iface="eni+", src_iface_set="pa4e-x", src_iface_set_negate=True)
+    assert m.render() == ["-i", "eni+", "-m", "set", "!", "--match-set", "pa4e-x", "src,src"]
+    assert Match(src_iface_set="pa4e-x").render() == ["-m", "set", "--match-set", "pa4e-x", "src,src"]
+    c = Chain("pa-x", (Rule(m, Action("DROP")), Rule(Match(src_set="pa4s-y"), ACCEPT)))
+    assert c.ipsets == {"pa4e-x", "pa4s-y"}
+    s = IPSet("pa4e-x", 4, "hash:net,iface", frozenset({"10.233.1.5/32,eni1234567890a"}))
+    text = render_ipset_restore(DesiredState(ipsets={s.name: s}))
+    assert "create pa4e-x hash:net,iface family inet maxelem 1048576 -exist" in text
+    assert "add pa4e-x 10.233.1.5/32,eni1234567890a -exist" in text
+    # rules without the new field render (and hash) as before
+    assert "src,src" not in Rule(Match(src_set="pa4s-y"), ACCEPT).body()

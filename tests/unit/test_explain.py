@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from policy_agent.desired import (
@@ -196,6 +198,88 @@ def test_hash_ip_port_set():
     assert explain(s, pkt(dst="10.233.0.3", proto="udp", port=53), FWD).allowed
     assert explain(s, pkt(dst="10.233.0.4", port=9005), FWD).allowed  # no proto = tcp
     assert not explain(s, pkt(dst="10.233.0.4", port=9011), FWD).allowed
+
+
+def test_hash_net_iface_set_matches_source_and_incoming_interface():
+    eps = IPSet(
+        "pa4e-x", 4, "hash:net,iface",
+        frozenset({"10.233.0.1/32,eni1", "10.233.0.5/32,eni1", "10.233.7.0/24,eni3", "10.233.7.9/32,eni3 nomatch"}),
+    )
+    c = Chain(
+        "pa-FORWARD",
+        (
+            Rule(Match(in_iface="eni+", src_iface_set="pa4e-x", src_iface_set_negate=True), DROP, "anti-spoofing"),
+            Rule(Match(src_iface_set="pa4e-x"), ACCEPT, "own address"),
+            Rule(Match(), Action("REJECT"), "rest"),
+        ),
+    )
+    s = state([c], [eps])
+    assert explain(s, pkt(src="10.233.0.1"), FWD).decided_by.comment == "own address"
+    assert explain(s, pkt(src="10.233.0.5"), FWD).decided_by.comment == "own address"
+    assert explain(s, pkt(src="10.233.0.2"), FWD).decided_by.comment == "anti-spoofing"
+    # the address of one interface arriving on another is not in the set
+    assert explain(s, pkt(src="10.233.0.1"), HookPath("FORWARD", "eni3", "eth0")).decided_by.comment == "anti-spoofing"
+    assert explain(s, pkt(src="10.233.7.8"), HookPath("FORWARD", "eni3", "eth0")).allowed  # net entry
+    assert explain(s, pkt(src="10.233.7.9"), HookPath("FORWARD", "eni3", "eth0")).decided_by.comment == "anti-spoofing"
+    # no incoming interface (OUTPUT-like path): never in the set; the negated rule needs -i anyway
+    assert explain(s, pkt(src="10.233.0.1"), HookPath("FORWARD", None, "eni2")).decided_by.comment == "rest"
+    assert "--match-set pa4e-x src,src" in c.rules[0].body() and "! --match-set" in c.rules[0].body()
+    bad = IPSet("pa4e-y", 4, "hash:net,iface", frozenset({"10.233.0.1/32"}))
+    c2 = Chain("pa-FORWARD", (Rule(Match(src_iface_set="pa4e-y"), ACCEPT, "x"),))
+    with pytest.raises(ExplainError, match="NET,IFACE"):
+        explain(state([c2], [bad]), pkt(), FWD)
+
+
+def test_icmp_type_rules_match_only_that_type():
+    c = Chain(
+        "pa-INPUT",
+        (
+            Rule(Match(protocol="ipv6-icmp", icmp_type=135), ACCEPT, "NS"),
+            Rule(Match(protocol="ipv6-icmp", icmp_type=136), ACCEPT, "NA"),
+            Rule(Match(protocol="ipv6-icmp"), DROP, "other icmpv6"),
+            Rule(Match(), DROP, "rest"),
+        ),
+    )
+    s = state([c], family=6)
+    path = HookPath("INPUT", "eni1")
+
+    def icmp6(t):
+        return Packet(6, "fe80::2", "ff02::1:ff00:1", "ipv6-icmp", None, icmp_type=t)
+
+    assert explain(s, icmp6(135), path).decided_by.comment == "NS"
+    assert explain(s, icmp6(136), path).decided_by.comment == "NA"
+    assert explain(s, icmp6(134), path).decided_by.comment == "other icmpv6"
+    # a rule with a type never matches a packet without one
+    assert explain(s, icmp6(None), path).decided_by.comment == "other icmpv6"
+    # and a typed rule needs the protocol too
+    assert explain(s, Packet(6, "fe80::2", "ff02::1", "tcp", 135), path).decided_by.comment == "rest"
+    with pytest.raises(ExplainError, match="icmp_type"):
+        Packet(4, "10.0.0.1", "10.0.0.2", "tcp", 80, icmp_type=8)
+    v4 = Chain("pa-INPUT", (Rule(Match(protocol="icmp", icmp_type=8), ACCEPT, "echo"), Rule(Match(), DROP, "rest")))
+    assert explain(state([v4]), Packet(4, "10.0.0.1", "10.0.0.2", "icmp", None, icmp_type=8), path).allowed
+    assert not explain(state([v4]), Packet(4, "10.0.0.1", "10.0.0.2", "icmp", None, icmp_type=0), path).allowed
+
+
+def test_compiled_state_anti_spoofing_and_established_flows():
+    """Against the compiler's output: forged sources die first, even for established flows."""
+    from policy_agent.compiler import compile
+    from policy_agent.compiler.options import NodeConfig
+    from policy_agent.shared.naming import veth_name
+
+    a = Pod("default", "a", Labels({}), "n1", (ipaddress.ip_address("10.233.0.1"),), phase="Running")
+    b = Pod("default", "b", Labels({}), "n1", (ipaddress.ip_address("10.233.0.2"),), phase="Running")
+    st = compile(ClusterSnapshot.of([a, b]), NodeConfig(node_name="n1"))
+    ia, ib = veth_name("eni", "default", "a"), veth_name("eni", "default", "b")
+    path = HookPath("FORWARD", ia, ib)
+    ok = explain(st, pkt("10.233.0.1", "10.233.0.2", ct="ESTABLISHED"), path)
+    assert ok.allowed and ok.decided_by.chain == "pa-FORWARD" and ok.decided_by.comment == "established or related flow"
+    forged = explain(st, pkt("10.233.0.2", "10.233.0.2", ct="ESTABLISHED"), path)
+    assert forged.verdict == "DROP" and forged.decided_by.comment.startswith("anti-spoofing")
+    assert explain(st, pkt("10.233.0.1", "10.233.0.2"), path).allowed
+    nd = Packet(6, "fe80::2", "ff02::1:ff00:1", "ipv6-icmp", None, icmp_type=135)
+    assert explain(st, nd, HookPath("INPUT", ia)).decided_by.comment == "ICMPv6 neighbour solicitation to the node"
+    ra = Packet(6, "fe80::2", "ff02::1", "ipv6-icmp", None, icmp_type=134)
+    assert explain(st, ra, HookPath("INPUT", ia)).decided_by.comment.startswith("anti-spoofing")
 
 
 def test_ipv6_sets_and_family_table():

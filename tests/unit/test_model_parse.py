@@ -180,6 +180,30 @@ def test_pod_rejections():
     reject(parse_pod, bad, "metadata.annotations[vpc.amazonaws.com/pod-ips]", "not a valid IP")
 
 
+def test_host_network_must_be_a_boolean():
+    for value in ("true", "false", 1, 0, "yes", [True]):
+        bad = pod()
+        bad["spec"]["hostNetwork"] = value
+        e = reject(parse_pod, bad, "spec.hostNetwork", "x/a", "must be a boolean")
+        assert e.kind == "Pod" and e.field_path == "spec.hostNetwork"
+    for value, want in ((True, True), (False, False), (None, False)):
+        d = pod()
+        d["spec"]["hostNetwork"] = value
+        assert parse_pod(d).host_network is want
+
+
+def test_aws_annotation_is_ignored_once_status_has_ips():
+    d = pod(status={"podIPs": [{"ip": "10.233.0.8"}]})
+    # User-writable: a forged or broken value changes nothing while status has IPs.
+    d["metadata"]["annotations"] = {"vpc.amazonaws.com/pod-ips": "10.233.0.66"}
+    assert parse_pod(d).ips == (ip("10.233.0.8"),)
+    d["metadata"]["annotations"] = {"vpc.amazonaws.com/pod-ips": "nope"}
+    assert parse_pod(d).ips == (ip("10.233.0.8"),)
+    d = pod(status={"podIP": "10.233.0.9"})
+    d["metadata"]["annotations"] = {"vpc.amazonaws.com/pod-ips": "10.233.0.66"}
+    assert parse_pod(d).ips == (ip("10.233.0.9"),)
+
+
 def test_label_key_and_value_edge_cases_accepted():
     d = pod()
     d["metadata"]["labels"] = {"example.com/a_b.c-d": "", "x": "A.b_c-9", "k" * 63: "v" * 63}
