@@ -9,7 +9,6 @@ the namespace it was created in), which costs ~1 ms, where pyroute2's own
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from contextlib import contextmanager
@@ -22,19 +21,16 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_shim.ipam.provider import MAIN_TABLE
 from cni_shim.protocol import GATEWAY_V4, GATEWAY_V6
+from policy_agent.shared.netns import setns as _setns
 
 log = structlog.get_logger(__name__)
 
-CLONE_NEWNET = 0x40000000
 TO_POD_RULE_PRIORITY = 512
 FROM_POD_RULE_PRIORITY = 1536
 NUD_PERMANENT = 0x80
 IFA_F_NODAD = 0x02
 RT_SCOPE_LINK = 253
 AF_INET, AF_INET6 = 2, 10
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 class PlumbingError(Exception):
     pass
@@ -53,12 +49,6 @@ class PodNet:
     ipv6: str = ""
     mtu: int = 9001
     table: int = MAIN_TABLE
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def open_netns(path: str) -> int:

@@ -11,22 +11,16 @@ dataplane starts processes.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
-import os
 import subprocess
 import threading
 from dataclasses import dataclass
-from typing import Iterator
 
 import structlog
 
+from policy_agent.shared.netns import in_netns
+
 log = structlog.get_logger(__name__)
 
-NETNS_DIR = "/run/netns"
-_CLONE_NEWNET = 0x40000000
-_libc = None
 
 
 class CommandError(RuntimeError):
@@ -37,41 +31,6 @@ class CommandError(RuntimeError):
         self.returncode = returncode
         self.stderr = stderr
         super().__init__(f"{' '.join(argv)} exited {returncode}: {stderr.strip()[:500]}")
-
-
-def _setns(fd: int) -> None:
-    global _libc
-    if hasattr(os, "setns"):  # Python >= 3.12
-        os.setns(fd, _CLONE_NEWNET)
-        return
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextlib.contextmanager
-def _in_netns(netns: str | None) -> Iterator[None]:
-    """Move this thread into ``netns`` for the block (children inherit it)."""
-    if not netns:
-        yield
-        return
-    if "/" in netns or netns in (".", ".."):
-        raise ValueError(f"bad network namespace name {netns!r}")
-    target = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY)
-    try:
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        try:
-            _setns(target)
-            try:
-                yield
-            finally:
-                _setns(own)  # if this fails the thread is lost: let it raise
-        finally:
-            os.close(own)
-    finally:
-        os.close(target)
 
 
 class Pending:
@@ -119,7 +78,7 @@ class Runner:
         return ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
 
     def _popen(self, argv: list[str]) -> subprocess.Popen:
-        with _in_netns(self.netns):
+        with in_netns(self.netns):
             return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
 

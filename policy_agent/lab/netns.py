@@ -40,8 +40,6 @@ API summary (import as ``from policy_agent.lab import netns``):
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import ipaddress
 import json
 import os
@@ -57,12 +55,13 @@ from typing import Iterable, Iterator, Sequence
 
 import structlog
 
+from policy_agent.shared import netns as _shared_netns
+
 log = structlog.get_logger(__name__)
 
-NETNS_DIR = "/var/run/netns"
+NETNS_DIR = _shared_netns.NETNS_DIR
 GATEWAY_V4 = "169.254.1.1"
 GATEWAY_V6 = "fe80::1"
-_CLONE_NEWNET = 0x40000000
 
 
 class NetnsError(RuntimeError):
@@ -89,9 +88,7 @@ def list_names(prefix: str = "") -> list[str]:
     return sorted(n for n in names if n.startswith(prefix))
 
 
-def _check_name(name: str) -> None:
-    if not name or "/" in name or name in (".", "..") or len(name) > 200:
-        raise ValueError(f"bad network namespace name {name!r}")
+_check_name = _shared_netns.check_name
 
 
 def _cmd(argv: Sequence[str], check: bool = True, input: str | None = None, timeout: float = 60):
@@ -194,38 +191,12 @@ def enable_forwarding(ns: str) -> None:
     run(ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1", check=False)
 
 
-_libc = None
-
-
-def _setns(fd: int) -> None:
-    global _libc
-    if hasattr(os, "setns"):  # Python >= 3.12
-        os.setns(fd, _CLONE_NEWNET)
-        return
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 @contextlib.contextmanager
 def in_netns(ns: str) -> Iterator[None]:
     """Move the calling thread into ``ns`` for the block; sockets made inside stay there."""
     _check_name(ns)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
+    with _shared_netns.in_netns(ns):
+        yield
 
 
 # --- wiring without the CNI ------------------------------------------------------------
