@@ -42,9 +42,10 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
+
+from policy_agent.shared.endpoint import atomic_write, fsync_dir
 
 PLUGIN_TYPE = "vpcip-cni"  # == cni_shim.protocol.PLUGIN_TYPE (checked by tests)
 EXECUTABLE_NAME = "vpcip-cni"
@@ -286,14 +287,6 @@ def render_conflist(conf: dict) -> bytes:
 
 # --- file operations ---------------------------------------------------------------
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: str, data: bytes, mode: int) -> bool:
     """Replace path with data unless it already has these bytes and mode. True if written."""
     try:
@@ -304,23 +297,7 @@ def write_atomic(path: str, data: bytes, mode: int) -> bool:
                     return False
     except FileNotFoundError:
         pass
-    directory = os.path.dirname(path)
-    # Hidden name without a CNI extension: libcni never picks up a half-written temp file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)  # rename(2) over a running executable is fine (no ETXTBSY)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
+    atomic_write(path, data, mode, sync_dir=True)
     return True
 
 
@@ -420,7 +397,7 @@ def install(
             os.unlink(path)
             report.removed.append(path)
     if report.removed:
-        _fsync_dir(cdir)
+        fsync_dir(cdir)
     return report
 
 

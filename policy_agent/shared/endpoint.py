@@ -109,24 +109,40 @@ class EndpointStatus:
         )
 
 
-def atomic_write(path: str, text: str, mode: int = 0o644) -> None:
-    """Write text to path so readers see the old or the new file, never a part."""
+def atomic_write(path: str, data: str | bytes, mode: int = 0o644, sync_dir: bool = False) -> None:
+    """Write data to path so readers see the old or the new file, never a part.
+
+    The temp file is hidden and has no extension, so directory scanners (ours,
+    libcni's) never pick it up. sync_dir also fsyncs the directory, making the
+    rename itself durable across a crash.
+    """
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # rename(2) over a running executable is fine (no ETXTBSY)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+    if sync_dir:
+        fsync_dir(directory)
+
+
+def fsync_dir(directory: str) -> None:
+    """Make renames and unlinks in directory durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _path(directory: str, namespace: str, pod: str) -> str:
