@@ -9,6 +9,7 @@
 # Usage: scripts/build-kube-apiserver.sh            # prints the cache directory
 #        KUBE_VERSION=1.20.2 scripts/build-kube-apiserver.sh
 set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
 
 KUBE_VERSION="${KUBE_VERSION:-1.20.2}"
 CACHE_ROOT="${POLICY_AGENT_CACHE:-/var/cache/policy-agent}"
@@ -38,10 +39,14 @@ log() { echo "build-kube-apiserver: $*" >&2; }
 # bookworm carries kubernetes 1.20.5+really1.20.2 (the source tree is 1.20.2).
 SRC_LIST=/etc/apt/sources.list.d/policy-agent-deb-src.sources
 if [[ ! -f $SRC_LIST ]]; then
-    log "adding deb-src for bookworm"
-    cat >"$SRC_LIST" <<'EOF'
+    # The mirror is the one this machine already uses for bookworm's binary packages:
+    # read from its own apt sources (deb822 or one-line form), never written here.
+    uri="$(bash "$HERE/apt-mirror.sh" bookworm)" || {
+        log "no apt source for bookworm found in /etc/apt/sources.list{,.d/*}"; exit 1; }
+    log "adding deb-src for bookworm from $uri"
+    cat >"$SRC_LIST" <<EOF
 Types: deb-src
-URIs: http://deb.debian.org/debian
+URIs: $uri
 Suites: bookworm
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
