@@ -7,14 +7,13 @@
 # The base is pinned by its full tag (a Python patch release on Debian 12); both stages
 # use the same one, so the virtualenv's interpreter path is valid in the final stage.
 
-# --- build: compile the wheels that need a compiler (python-iptables' libxtwrapper) ---
+# --- build: install the project into a venv; pip and the build tools stay in this stage.
+# Every runtime dependency ships a wheel (python-iptables, the one that needed a C
+# compiler, is a benchmark-only extra now), so no compiler is installed anywhere.
 FROM python:3.11.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev \
- && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.cfg README.md ./
 COPY policy_agent ./policy_agent

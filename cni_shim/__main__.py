@@ -24,7 +24,13 @@ from cni_shim.protocol import (
     parse_version_only,
     version_result,
 )
-from policy_agent.shared.endpoint import DEFAULT_ENDPOINT_DIR, DEFAULT_STATUS_DIR, remove_record
+from policy_agent.shared.endpoint import (
+    DEFAULT_ENDPOINT_DIR,
+    DEFAULT_STATUS_DIR,
+    read_record,
+    record_key,
+    remove_record,
+)
 
 USAGE = """usage: vpcip-cni                      (run by a container runtime, CNI_COMMAND in the environment)
        vpcip-cni max-pods --instance-type TYPE
@@ -81,12 +87,15 @@ def run(env, stdin: str) -> int:
         answer = client.call(conf.ipam_socket, req.to_wire(), timeout)
     except client.DaemonUnavailable as exc:
         if command == "DEL":
-            # Nothing to ask the daemon; drop our record so the agent forgets the pod.
+            # Nothing to ask the daemon; drop our record so the agent forgets the pod,
+            # but only if it is this container's (a newer sandbox of the pod may own it).
             # The daemon frees the address when it starts (veth gone) or on GC.
             if req.k8s_namespace and req.k8s_pod:
                 try:
-                    remove_record(conf.endpoint_dir, req.k8s_namespace, req.k8s_pod)
-                except (OSError, ValueError):
+                    path = os.path.join(conf.endpoint_dir, record_key(req.k8s_namespace, req.k8s_pod) + ".json")
+                    if read_record(path).container_id == req.container_id:
+                        remove_record(conf.endpoint_dir, req.k8s_namespace, req.k8s_pod)
+                except (OSError, ValueError, KeyError, TypeError):
                     pass
             sys.stderr.write(f"vpcip-cni: DEL without daemon: {exc}\n")
             return 0

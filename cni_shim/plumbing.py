@@ -13,7 +13,7 @@ import errno
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import structlog
 from pyroute2 import IPRoute
@@ -49,6 +49,23 @@ class PodNet:
     ipv6: str = ""
     mtu: int = 9001
     table: int = MAIN_TABLE
+
+
+class Built(NamedTuple):
+    """What setup() made: the MACs for the result, the ifindexes for ownership."""
+
+    host_mac: str
+    pod_mac: str
+    host_ifindex: int
+    peer_ifindex: int
+
+
+def netns_inode(path: str) -> int:
+    """Identity of the network namespace at path (nsfs inode), 0 if there is none."""
+    try:
+        return os.stat(path).st_ino if path else 0
+    except OSError:
+        return 0
 
 
 def open_netns(path: str) -> int:
@@ -112,8 +129,12 @@ def _ignore(*codes: int):
 
 
 
-def setup(pod: PodNet, after_veth: Callable[[], None] | None = None) -> tuple[str, str]:
-    """Build everything for one pod; returns (host MAC, pod MAC). Caller undoes on error."""
+def setup(pod: PodNet, after_veth: Callable[[], None] | None = None) -> Built:
+    """Build everything for one pod. Caller undoes on error.
+
+    A host link already named pod.host_veth is deleted first: the name belongs to the
+    pod, and the newest sandbox of a pod takes it over (the caller records that the
+    older allocation no longer owns it)."""
     nsfd = open_netns(pod.netns)
     try:
         with host_ipr() as host, ipr_in(nsfd) as podr:
@@ -158,16 +179,18 @@ def setup(pod: PodNet, after_veth: Callable[[], None] | None = None) -> tuple[st
             host.route("replace", dst=f"{pod.ipv4}/32", oif=hidx, scope=RT_SCOPE_LINK)
             if pod.ipv6:
                 host.route("replace", dst=f"{pod.ipv6}/128", oif=hidx, family=AF_INET6)
-            if pod.table != MAIN_TABLE:
-                _rules(host, pod, add=True)
-            return host_mac, pod_mac
+            _rules(host, pod, add=True)
+            return Built(host_mac, pod_mac, hidx, pidx)
     finally:
         os.close(nsfd)
 
 
 def _sysctl_v6(host_veth: str) -> None:
     # As AWS: before the host end is up, no RA and no forwarding decisions on it.
-    for key, value in (("accept_ra", "0"), ("accept_redirects", "1")):
+    # No DAD either: while the host end's link-local address is tentative the node
+    # sends no neighbour solicitation, and the new pod is unreachable over IPv6 for
+    # 1-2 s after ADD returned (found by the churn campaign, docs/reliability.md).
+    for key, value in (("accept_ra", "0"), ("accept_redirects", "1"), ("accept_dad", "0")):
         try:
             with open(f"/proc/sys/net/ipv6/conf/{host_veth}/{key}", "w") as f:
                 f.write(value)
@@ -175,21 +198,23 @@ def _sysctl_v6(host_veth: str) -> None:
             pass
 
 
-def _rule_specs(pod: PodNet) -> list[dict]:
-    specs = [
-        dict(family=AF_INET, dst=pod.ipv4, dst_len=32, table=MAIN_TABLE, priority=TO_POD_RULE_PRIORITY),
-        dict(family=AF_INET, src=pod.ipv4, src_len=32, table=pod.table, priority=FROM_POD_RULE_PRIORITY),
-    ]
+def _rule_specs(pod: PodNet, all_kinds: bool = False) -> list[dict]:
+    """As the AWS CNI: 512 `to <pod> lookup main` for every pod (so a reply to a pod on the
+    primary ENI never follows another pod's ENI table), 1536 `from <pod> lookup <table>` only
+    for pods on a secondary ENI. ``all_kinds``: both, whatever the table (for deletion)."""
+    specs = [dict(family=AF_INET, dst=pod.ipv4, dst_len=32, table=MAIN_TABLE, priority=TO_POD_RULE_PRIORITY)]
+    if pod.table != MAIN_TABLE or all_kinds:
+        specs.append(dict(family=AF_INET, src=pod.ipv4, src_len=32, table=pod.table, priority=FROM_POD_RULE_PRIORITY))
     if pod.ipv6:
-        specs += [
-            dict(family=AF_INET6, dst=pod.ipv6, dst_len=128, table=MAIN_TABLE, priority=TO_POD_RULE_PRIORITY),
-            dict(family=AF_INET6, src=pod.ipv6, src_len=128, table=pod.table, priority=FROM_POD_RULE_PRIORITY),
-        ]
+        specs.append(dict(family=AF_INET6, dst=pod.ipv6, dst_len=128, table=MAIN_TABLE, priority=TO_POD_RULE_PRIORITY))
+        if pod.table != MAIN_TABLE or all_kinds:
+            specs.append(dict(family=AF_INET6, src=pod.ipv6, src_len=128, table=pod.table,
+                              priority=FROM_POD_RULE_PRIORITY))
     return specs
 
 
 def _rules(host: IPRoute, pod: PodNet, add: bool) -> None:
-    for spec in _rule_specs(pod):
+    for spec in _rule_specs(pod, all_kinds=not add):
         if add:
             with _ignore(errno.EEXIST):
                 host.rule("add", **spec)
@@ -218,8 +243,13 @@ def _rule_del_all(host: IPRoute, spec: dict) -> int:
     return n
 
 
-def teardown(pod: PodNet) -> None:
-    """Remove everything setup() may have built (host side). Idempotent; missing pieces are fine."""
+def teardown(pod: PodNet, host_ifindex: int = 0) -> None:
+    """Remove what setup() built for this pod's addresses (host side). Idempotent.
+
+    The host veth is deleted only if host_ifindex names it: the link with that index
+    still carries pod.host_veth. Never by name alone: the name is derived from
+    namespace/pod, so it may now belong to a newer sandbox of the same pod. The pod
+    end goes with the host end (a veth pair dies as one)."""
     with host_ipr() as host:
         if pod.ipv4:
             _rules(host, pod, add=False)
@@ -228,17 +258,58 @@ def teardown(pod: PodNet) -> None:
         if pod.ipv6:
             with _ignore(errno.ESRCH, errno.ENOENT, errno.ENODEV):
                 host.route("del", dst=f"{pod.ipv6}/128", family=AF_INET6)
-        idx = _index(host, pod.host_veth)
-        if idx is not None:
+        if host_ifindex and pod.host_veth and _index(host, pod.host_veth) == host_ifindex:
             with _ignore(errno.ENODEV):
-                host.link("del", index=idx)
-    # The pod end goes with the host end (a veth pair dies as one). An interface of
-    # that name in the pod without our host end is not ours: leave it alone.
+                host.link("del", index=host_ifindex)
 
 
-def host_links() -> set[str]:
+def link_index(name: str) -> int | None:
+    """ifindex of the host link called name, or None."""
+    if not name:
+        return None
     with host_ipr() as host:
-        return {link.get("IFLA_IFNAME") for link in host.get_links()}
+        return _index(host, name)
+
+
+def peer_of(host_veth: str, netns: str, ifname: str) -> int:
+    """ifindex of host_veth if its veth peer is ifname inside the netns at path netns, else 0.
+
+    Proves that a host veth is a given sandbox's when no ifindex was recorded (a
+    half-done ADD, an unknown DEL): the peer must be that interface index in that
+    namespace (link netnsid and peer index both match). A sandbox whose netns is gone
+    has no veth left, so the answer is 0 for it."""
+    if not host_veth or not netns or not ifname:
+        return 0
+    try:
+        nsfd = open_netns(netns)
+    except NetnsMissing:
+        return 0
+    try:
+        with host_ipr() as host, ipr_in(nsfd) as podr:
+            hidx = _index(host, host_veth)
+            pidx = _index(podr, ifname)
+            if hidx is None or pidx is None:
+                return 0
+            hlink = host.get_links(hidx)[0]
+            plink = podr.get_links(pidx)[0]
+            try:
+                nsid = host.get_netnsid(fd=nsfd).get("nsid")
+            except NetlinkError:
+                return 0
+            if (hlink.get("IFLA_LINK") == pidx and plink.get("IFLA_LINK") == hidx
+                    and nsid is not None and hlink.get("IFLA_LINK_NETNSID") == nsid):
+                return hidx
+            return 0
+    except NetnsMissing:
+        return 0
+    finally:
+        os.close(nsfd)
+
+
+def host_links() -> dict[str, int]:
+    """Host link name -> ifindex."""
+    with host_ipr() as host:
+        return {link.get("IFLA_IFNAME"): link["index"] for link in host.get_links()}
 
 
 def check(pod: PodNet, host_mac_expected: str = "") -> list[str]:
@@ -295,13 +366,12 @@ def check(pod: PodNet, host_mac_expected: str = "") -> list[str]:
                 h6 = {(r.get("RTA_DST"), r["dst_len"]) for r in host.get_routes(family=AF_INET6, oif=hidx)}
                 if (pod.ipv6, 128) not in h6:
                     problems.append(f"host route {pod.ipv6}/128 dev {pod.host_veth} missing")
-            if pod.table != MAIN_TABLE:
-                for spec in _rule_specs(pod):
-                    rules = host.get_rules(family=spec["family"])
-                    if not any(_rule_matches(r, spec) and (r.get("FRA_TABLE") or r["table"]) == spec["table"]
-                               for r in rules):
-                        what = f"to {spec['dst']}" if "dst" in spec else f"from {spec['src']}"
-                        problems.append(f"rule {what} lookup {spec['table']} priority {spec['priority']} missing")
+            for spec in _rule_specs(pod):
+                rules = host.get_rules(family=spec["family"])
+                if not any(_rule_matches(r, spec) and (r.get("FRA_TABLE") or r["table"]) == spec["table"]
+                           for r in rules):
+                    what = f"to {spec['dst']}" if "dst" in spec else f"from {spec['src']}"
+                    problems.append(f"rule {what} lookup {spec['table']} priority {spec['priority']} missing")
             if host_mac_expected and host_mac_expected != host_mac:
                 problems.append(f"host veth MAC {host_mac} != {host_mac_expected} from the result")
     finally:

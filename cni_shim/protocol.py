@@ -41,6 +41,7 @@ ERR_PLUMBING = 102
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 _CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_POD_UID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")  # a UUID in practice
 
 
 class CNIError(Exception):
@@ -88,6 +89,7 @@ class NetConf:
             "endpoint_dir": self.endpoint_dir,
             "status_dir": self.status_dir,
             "policy_wait": self.policy_wait,
+            "request_timeout": self.request_timeout,  # the daemon keeps its waits under it
         }
 
 
@@ -108,6 +110,14 @@ class Request:
     def k8s_pod(self) -> str:
         return self.args.get("K8S_POD_NAME", "")
 
+    @property
+    def k8s_pod_uid(self) -> str:
+        """metadata.uid of the pod (containerd and cri-o pass it); "" when not given.
+
+        ADD rejects a malformed one; other commands (DEL must succeed) ignore it."""
+        uid = self.args.get("K8S_POD_UID", "")
+        return uid if _POD_UID_RE.match(uid) else ""
+
     def to_wire(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "op": self.command.lower(),
@@ -116,6 +126,7 @@ class Request:
             "ifname": self.ifname,
             "namespace": self.k8s_namespace,
             "pod": self.k8s_pod,
+            "pod_uid": self.k8s_pod_uid,
             "conf": self.conf.to_wire(),
         }
         if self.conf.prev_result is not None:
@@ -283,6 +294,9 @@ def parse_request(env: Mapping[str, str], stdin: str, default_endpoint_dir: str,
         raise CNIError(ERR_INVALID_ENV, "CNI_NETNS is missing")
     args = parse_cni_args(env.get("CNI_ARGS", ""))
     if command == "ADD":
+        uid = args.get("K8S_POD_UID", "")
+        if uid and not _POD_UID_RE.match(uid):
+            raise CNIError(ERR_INVALID_ENV, f"CNI_ARGS: K8S_POD_UID {uid[:140]!r} is not a valid pod UID")
         for key in ("K8S_POD_NAMESPACE", "K8S_POD_NAME"):
             if not args.get(key):
                 raise CNIError(ERR_INVALID_ENV, f"CNI_ARGS lacks {key} (needed to name the host veth)")

@@ -5,8 +5,10 @@ Rules of the loop (felix's int_dataplane loop, Kubernetes' BoundedFrequencyRunne
 1. Sources run in their own threads and only ever call ``sink(event)``, which
    timestamps the event and queues it. Only the loop thread touches the store,
    the compiler and the dataplane, so none of them needs a lock.
-2. Nothing is written to the kernel before every configured source has sent
-   InSync. Until then the rules of the previous run keep enforcing (no flush
+2. Nothing is written to the kernel before every source the desired state
+   depends on has sent InSync (not the link monitor: ``gates_sync = False``,
+   links change no rule, and a stuck netlink socket must not hold the first
+   apply back). Until then the rules of the previous run keep enforcing (no flush
    window). The first apply is a full build and may sweep; later applies are
    incremental and sweep too, because the store is complete from then on.
 3. Changes are coalesced: at most one apply per ``min_interval``; a burst of
@@ -42,6 +44,7 @@ import structlog
 
 from policy_agent.compiler.options import NodeConfig
 from policy_agent.desired import DesiredState
+from policy_agent.model.types import PodIPPolicy
 from policy_agent.obs.metrics import Metrics
 from policy_agent.shared import endpoint as ep
 from policy_agent.sources.events import Delete, Event, InSync, Replace, Sink, SourceError, Upsert
@@ -51,11 +54,16 @@ log = structlog.get_logger(__name__)
 
 LIVENESS_STALL = 120.0  # seconds without a loop iteration before /livez fails
 MAX_BACKOFF = 10.0
+# Defaults of the settings unready_failures / unready_after (policy_agent.config).
 UNREADY_FAILURES = 3  # consecutive failed applies before /readyz turns 503
 UNREADY_AFTER = 60.0  # seconds a change may wait unapplied before /readyz turns 503
 
 
 class Source(Protocol):
+    """A source may also have ``gates_sync = False`` (its InSync is not needed before the
+    first apply: it feeds nothing the desired state depends on) and ``health() -> dict``
+    (``healthy``, ``state``, ``detail``: shown in /status)."""
+
     name: str
 
     def start(self, sink: Sink) -> None: ...
@@ -76,6 +84,10 @@ class IncrementalCompiler(Protocol):
     def delete_namespace(self, name: str) -> Any: ...
     def upsert_policy(self, policy: Any) -> Any: ...
     def delete_policy(self, namespace: str, name: str) -> Any: ...
+    def upsert_cluster_policy(self, cnp: Any) -> Any: ...
+    def delete_cluster_policy(self, name: str) -> Any: ...
+    def upsert_node(self, node: Any) -> Any: ...
+    def delete_node(self, name: str) -> Any: ...
     def desired(self) -> DesiredState: ...
 
 
@@ -109,6 +121,7 @@ class Agent:
         unready_failures: int = UNREADY_FAILURES,
         unready_after: float = UNREADY_AFTER,
         gc_freeze: bool = True,
+        pod_ip_policy: PodIPPolicy | None = None,
     ) -> None:
         self.node = node
         self.dataplane = dataplane
@@ -116,13 +129,15 @@ class Agent:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique: {names}")
-        self.expected_sources = frozenset(names)
+        # The sync barrier waits only for sources the desired state depends on.
+        self.expected_sources = frozenset(s.name for s in self.sources if getattr(s, "gates_sync", True))
         self.status_dir = status_dir
         self.min_interval = min_interval
         self.max_interval = max_interval
         self.refresh_interval = refresh_interval
         self.compiler_factory = compiler_factory
         self.metrics = metrics or Metrics()
+        self.metrics.watch_degraded_policies(self.sources)  # unparseable policies: last good / fallback
         self.on_enforced = on_enforced
         self.clock = clock
         if unready_failures < 1 or unready_after <= 0:
@@ -131,7 +146,10 @@ class Agent:
         self.unready_after = unready_after
         self.gc_freeze = gc_freeze
 
-        self.store = Store(node.node_name)
+        self.store = Store(
+            node.node_name, pod_ip_policy,
+            on_pod_ip_rejected=lambda reason: self.metrics.pod_ip_rejected.labels(reason).inc(),
+        )
         self._queue: queue.SimpleQueue[tuple[float, Event] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -158,6 +176,9 @@ class Agent:
         self.last_error = ""
         self.last_apply_error = ""
         self.last_apply_failure_wall = 0.0
+        # What the kernel refused and the dataplane set aside (the rest is enforced):
+        # shown in /status, counted in policy_agent_dataplane_set_aside_objects.
+        self.set_aside: list[dict[str, Any]] = []
         self.observed_generation = 0  # bumped by every event that changed the store
         self.applied_generation = 0  # the observed_generation the last successful apply covered
         self.apply_count = 0
@@ -323,6 +344,10 @@ class Agent:
             c.upsert_namespace(ns)
         for pol in snap.policies.values():
             c.upsert_policy(pol)
+        for node in snap.nodes.values():
+            c.upsert_node(node)
+        for cnp in snap.cluster_policies.values():
+            c.upsert_cluster_policy(cnp)
         for pod in snap.pods.values():
             c.upsert_pod(pod)
         return c
@@ -334,6 +359,11 @@ class Agent:
             c.upsert_namespace(ns) if ns is not None else c.delete_namespace(name)
         for key, pol in ch.policies.items():
             c.upsert_policy(pol) if pol is not None else c.delete_policy(*key)
+        # Nodes before ClusterNetworkPolicies: `nodes` peers read their addresses.
+        for name, node in ch.nodes.items():
+            c.upsert_node(node) if node is not None else c.delete_node(name)
+        for name, cnp in ch.cluster_policies.items():
+            c.upsert_cluster_policy(cnp) if cnp is not None else c.delete_cluster_policy(name)
         for key, pod in ch.pods.items():
             c.upsert_pod(pod) if pod is not None else c.delete_pod(*key)
 
@@ -363,7 +393,7 @@ class Agent:
             desired = self._compiler.desired()
             t1 = self.clock()
             self.metrics.compile_duration.observe(t1 - t0)
-            self.dataplane.apply(desired, allow_sweep=True)
+            self._note_set_aside(self.dataplane.apply(desired, allow_sweep=True))
         except Exception as exc:
             self._failures += 1
             backoff = min(MAX_BACKOFF, 0.1 * 2 ** (self._failures - 1))
@@ -424,6 +454,11 @@ class Agent:
             log.debug("applied", reason=reason, seconds=round(done - t0, 4), changes=changes.count(),
                       events=len(pending))
 
+    @property
+    def last_desired(self) -> DesiredState | None:
+        """The desired state the last successful apply wrote (live explain compares the kernel with it)."""
+        return self._last_desired
+
     @staticmethod
     def _freeze_heap() -> None:
         """Move everything alive after the initial sync out of the GC's reach.
@@ -464,10 +499,16 @@ class Agent:
         self.metrics.ipset_members.set(sum(len(s.members) for s in desired.ipsets.values()))
         self.metrics.endpoints.set(len(desired.endpoints))
 
+    def _note_set_aside(self, report: Any) -> None:
+        aside = list(getattr(report, "set_aside", None) or [])
+        self.set_aside = aside
+        for kind in ("chain", "ipset", "member"):
+            self.metrics.set_aside.labels(kind).set(sum(1 for x in aside if x.get("kind") == kind))
+
     def _refresh(self, now: float) -> None:
         self.last_refresh = now
         try:
-            self.dataplane.refresh()
+            self._note_set_aside(self.dataplane.refresh())
             self.metrics.refreshes.inc()
         except Exception as exc:
             self.last_error = f"refresh: {exc}"
@@ -485,14 +526,22 @@ class Agent:
             if not e.ips:
                 continue  # no address yet: not in the dispatch chains, dropped as unknown
             rec = self.store.endpoint(e.namespace, e.pod)
+            pod = self.store.pod(e.namespace, e.pod)
+            uid = pod.uid if pod is not None else ""
+            if rec is not None and rec.pod_uid and uid and rec.pod_uid != uid:
+                continue  # programmed another Pod object's policy: must not release this sandbox
+            uid = uid or (rec.pod_uid if rec is not None else "")
             policies = tuple(sorted(set(e.ingress_policies) | set(e.egress_policies)))
-            want[(e.namespace, e.pod)] = (rec.container_id if rec else "", e.interface, policies)
+            # rec.created: a new record (a new ADD) gets a fresh file even if all else is equal
+            want[(e.namespace, e.pod)] = (rec.container_id if rec else "", e.interface, policies, uid,
+                                          rec.created if rec else 0.0)
         first = not self._status_written and self.apply_count <= 1
         for key, val in want.items():
             if self._status_written.get(key) == val:
                 continue
             try:
-                ep.write_status(self.status_dir, ep.EndpointStatus(key[0], key[1], val[0], val[1], time.time(), val[2]))
+                ep.write_status(self.status_dir, ep.EndpointStatus(key[0], key[1], val[0], val[1], time.time(), val[2],
+                                                                   val[3]))
                 self._status_written[key] = val
             except (OSError, ValueError) as exc:
                 self.metrics.errors.labels("status_file", "").inc()
@@ -539,6 +588,18 @@ class Agent:
                            f"({self._failures} failed in a row){why}")
         return True, "ok"
 
+    def _source_status(self, s: Source) -> dict[str, Any]:
+        out: dict[str, Any] = {"in_sync": s.name in self.store.in_sync_sources,
+                               "syncs": self.store.sync_counts.get(s.name, 0),
+                               "gates_sync": s.name in self.expected_sources}
+        health = getattr(s, "health", None)
+        if health is not None:
+            try:
+                out["health"] = health()
+            except Exception as exc:  # status must render whatever a source does
+                out["health"] = {"healthy": False, "state": "unknown", "detail": f"health check failed: {exc}"}
+        return out
+
     def status(self) -> dict[str, Any]:
         now = self.clock()
         ready, why = self.readiness()
@@ -548,10 +609,7 @@ class Agent:
             "alive": self.alive,
             "in_sync": self.in_sync,
             "ready": self.ready,
-            "sources": {
-                s: {"in_sync": s in self.store.in_sync_sources, "syncs": self.store.sync_counts.get(s, 0)}
-                for s in sorted(self.expected_sources)
-            },
+            "sources": {s.name: self._source_status(s) for s in sorted(self.sources, key=lambda s: s.name)},
             "last_apply_time": self.last_apply_wall or None,
             "last_apply_age_seconds": round(now - self.last_apply_end, 3) if self.apply_count else None,
             "last_apply_duration_seconds": round(self.last_apply_duration, 6) if self.apply_count else None,
@@ -568,10 +626,16 @@ class Agent:
                 "oldest_unapplied_age_seconds": round(now - oldest, 3) if oldest is not None else None,
             },
             "pending_events": len(self._pending) + self._queue.qsize(),
+            # Objects the kernel refused, kept out (old version or absent) while everything
+            # else is enforced; readiness stays up, this is where it shows.
+            "degraded": bool(self.set_aside),
+            "set_aside": list(self.set_aside),
             "counts": {
                 "namespaces": self.store.count("Namespace"),
                 "pods": self.store.count("Pod"),
                 "policies": self.store.count("NetworkPolicy"),
+                "cluster_policies": self.store.count("ClusterNetworkPolicy"),
+                "nodes": self.store.count("Node"),
                 "endpoint_records": self.store.count("Endpoint"),
                 "links": self.store.count("Link"),
                 "local_endpoints": self.endpoint_count,

@@ -14,7 +14,7 @@ import sys
 
 from policy_agent import logs
 
-COMMANDS = ("render", "run", "status", "dump", "explain", "cleanup", "lab", "demo")
+COMMANDS = ("render", "run", "status", "dump", "explain", "flows", "cleanup", "lab", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,19 +101,141 @@ class Match:
         return out
 
 
+FLOW_VERDICTS = ("deny", "allow")
+NFLOG_PREFIX_MAX = 63  # xt_NFLOG keeps prefix[64], NUL included
+HASHLIMIT_NAME_MAX = 15  # xt_hashlimit names are IFNAMSIZ with the NUL
+FLOW_ID_LEN = 12
+
+
+@dataclass(frozen=True)
+class FlowOrigin:
+    """What decided a flow's first packet, carried by the NFLOG rule logged before
+    (deny) or with (allow) that decision. Never rendered whole: its short ``id`` is in
+    the NFLOG prefix and the agent maps it back through the desired state it applied.
+
+    kind: "networkpolicy" (a NetworkPolicy rule allowed), "no-policy-allowed" (the
+    default deny at the end of an isolated pod's NetworkPolicy block: ``isolating`` lists
+    the policies), "no-policy-selects" (the default allow of a pod no policy isolates),
+    "admin" / "baseline" (a ClusterNetworkPolicy rule of that tier).
+    """
+
+    verdict: str  # "deny" | "allow"
+    direction: str  # "ingress" | "egress"
+    kind: str
+    policy: str = ""  # "ns/name" (NetworkPolicy) or the ClusterNetworkPolicy name
+    priority: int | None = None  # ClusterNetworkPolicy priority
+    rule: int | None = None  # index in spec.ingress / spec.egress
+    rule_name: str = ""  # ClusterNetworkPolicy rule name
+    endpoint: str = ""  # "ns/pod" whose endpoint chain decided (defaults)
+    isolating: tuple[str, ...] = ()  # no-policy-allowed: the policies isolating the pod
+    origin: str = ""  # the deciding rule's comment (the same naming as render/dump/explain)
+
+    def __post_init__(self) -> None:
+        if self.verdict not in FLOW_VERDICTS:
+            raise ValueError(f"flow verdict must be deny or allow, not {self.verdict!r}")
+        if self.direction not in ("ingress", "egress"):
+            raise ValueError(f"flow direction must be ingress or egress, not {self.direction!r}")
+
+    @cached_property
+    def id(self) -> str:
+        """Stable short ID: a hash of everything above, so equal origins share it."""
+        text = "\x1f".join(
+            str(v) for v in (self.verdict, self.direction, self.kind, self.policy, self.priority, self.rule,
+                             self.rule_name, self.endpoint, ",".join(self.isolating), self.origin)
+        )
+        digest = hashlib.sha224(text.encode()).digest()
+        return base64.b32encode(digest).decode().lower()[:FLOW_ID_LEN]
+
+    @property
+    def prefix(self) -> str:
+        """``pa:<d|a>:<i|e>:<id>``: verdict and direction readable without the agent."""
+        return f"pa:{self.verdict[0]}:{self.direction[0]}:{self.id}"
+
+    def as_dict(self) -> dict:
+        out: dict = {"kind": self.kind}
+        for key in ("policy", "priority", "rule", "rule_name", "endpoint"):
+            value = getattr(self, key)
+            if value not in ("", None):
+                out[key] = value
+        if self.kind == "no-policy-allowed":
+            out["isolating_policies"] = list(self.isolating)
+        if self.origin:
+            out["origin"] = self.origin
+        return out
+
+
+def hashlimit_name(kind: str, verdict: str, rate: int, burst: int) -> str:
+    """One kernel hashlimit table per (kind, verdict, rate, burst): every rule naming it
+    shares its buckets, so a limit holds for the whole node (per family), not per rule;
+    a changed rate gets a fresh table instead of the old one's configuration."""
+    h = hashlib.sha224(f"{kind}/{verdict}/{rate}/{burst}".encode()).hexdigest()[:8]
+    name = f"pa-{kind}{verdict[0]}-{h}"
+    assert len(name) <= HASHLIMIT_NAME_MAX
+    return name
+
+
+@dataclass(frozen=True)
+class FlowLog:
+    """NFLOG of a flow verdict (non-terminating), rate-limited in the kernel.
+
+    ``rate``/``burst``: packets per second for the whole node and verdict (one shared
+    hashlimit bucket, no mode); ``per_source_rate``/``per_source_burst``: the same per
+    source address (hashlimit mode srcip), checked first so a noisy pod spends only its
+    own tokens; 0 = no per-source limit.
+    """
+
+    group: int
+    origin: FlowOrigin
+    rate: int
+    burst: int
+    per_source_rate: int = 0
+    per_source_burst: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.group <= 65535:
+            raise ValueError(f"NFLOG group must be 0-65535, not {self.group}")
+        if self.rate < 1 or self.burst < 1 or self.per_source_rate < 0 or self.per_source_burst < 0:
+            raise ValueError("flow log rates and bursts must be positive")
+        if self.per_source_rate and not self.per_source_burst:
+            raise ValueError("a per-source flow log rate needs a per-source burst")
+
+    @property
+    def prefix(self) -> str:
+        return self.origin.prefix
+
+    def render(self) -> list[str]:
+        out: list[str] = []
+        v = self.origin.verdict
+        if self.per_source_rate:
+            out += ["-m", "hashlimit", "--hashlimit-upto", f"{self.per_source_rate}/sec",
+                    "--hashlimit-burst", str(self.per_source_burst), "--hashlimit-mode", "srcip",
+                    "--hashlimit-name", hashlimit_name("s", v, self.per_source_rate, self.per_source_burst)]
+        out += ["-m", "hashlimit", "--hashlimit-upto", f"{self.rate}/sec", "--hashlimit-burst", str(self.burst),
+                "--hashlimit-name", hashlimit_name("f", v, self.rate, self.burst)]
+        # The order iptables-save prints back: prefix, then group.
+        return out + ["-j", "NFLOG", "--nflog-prefix", self.prefix, "--nflog-group", str(self.group)]
+
+
 @dataclass(frozen=True)
 class Action:
-    """verb: ACCEPT | DROP | REJECT | RETURN | JUMP | GOTO | MARK.
+    """verb: ACCEPT | DROP | REJECT | RETURN | JUMP | GOTO | MARK | NFLOG.
 
     JUMP/GOTO take ``target``; MARK takes ``mark`` = (value, mask) and sets the
     masked bits to value (iptables --set-xmark semantics restricted to mask).
+    NFLOG takes ``log`` (or, read back from the kernel, its rendered options as ``target``)
+    and does not end the walk: the packet goes on to the next rule.
     """
 
     verb: str
     target: str | None = None
     mark: tuple[int, int] | None = None
+    log: FlowLog | None = None
 
     def render(self) -> list[str]:
+        if self.verb == "NFLOG":
+            # Read back from the kernel (live explain) only the rendered options are known:
+            # they are kept as text in ``target``.
+            return self.log.render() if self.log is not None else (self.target or "-j NFLOG").split()
         if self.verb == "JUMP":
             return ["-j", self.target or ""]
         if self.verb == "GOTO":
@@ -156,11 +278,20 @@ class Rule:
 
 def rule_hashes(chain_name: str, rules: Iterable[Rule]) -> list[str]:
     """Felix-style chained hashes: each depends on the chain and all earlier rules."""
+    return _body_hashes(chain_name, [r.body() for r in rules])
+
+
+_B64_BYTES = RULE_HASH_LEN * 3 // 4  # whole base64 groups: the same prefix as encoding all of it
+
+
+def _body_hashes(chain_name: str, bodies: Iterable[str]) -> list[str]:
     h = hashlib.sha224(chain_name.encode()).digest()
     out = []
-    for r in rules:
-        h = hashlib.sha224(h + f"-A {chain_name} HASH {r.body()}".encode()).digest()
-        out.append(base64.urlsafe_b64encode(h).decode().rstrip("=")[:RULE_HASH_LEN])
+    head = f"-A {chain_name} HASH ".encode()
+    enc = base64.urlsafe_b64encode
+    for body in bodies:
+        h = hashlib.sha224(h + head + body.encode()).digest()
+        out.append(enc(h[:_B64_BYTES]).decode())
     return out
 
 
@@ -171,14 +302,21 @@ class Chain:
 
     @cached_property
     def hashes(self) -> tuple[str, ...]:
-        return tuple(rule_hashes(self.name, self.rules))
+        return self._rendered[0]
+
+    @cached_property
+    def _rendered(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        # Hashes and lines from one rendering of each rule body (the body is the costly
+        # part), kept with the chain: the compiler hands unchanged chains on as the same
+        # objects, so a chain is rendered once in its life, however often it is planned.
+        bodies = [r.body() for r in self.rules]
+        hashes = tuple(_body_hashes(self.name, bodies))
+        head = f'-A {self.name} -m comment --comment "{RULE_HASH_PREFIX}'
+        return hashes, tuple(f'{head}{h}" {b}' for h, b in zip(hashes, bodies))
 
     def render_lines(self) -> list[str]:
         """``-A`` lines as iptables-restore takes them, each with its hash comment."""
-        return [
-            f'-A {self.name} -m comment --comment "{RULE_HASH_PREFIX}{h}" {r.body()}'
-            for h, r in zip(self.hashes, self.rules)
-        ]
+        return list(self._rendered[1])
 
     @property
     def references(self) -> frozenset[str]:
@@ -289,3 +427,14 @@ def render_ipset_restore(state: DesiredState, maxelem: int = 1048576) -> str:
         for m in sorted(s.members):
             out.append(f"add {name} {m} -exist")
     return "\n".join(out) + ("\n" if out else "")
+
+
+def flow_origins(state: DesiredState) -> dict[str, FlowOrigin]:
+    """NFLOG prefix -> what decided, over every family and table of ``state``."""
+    out: dict[str, FlowOrigin] = {}
+    for tbl in state.chains.values():
+        for chain in tbl.values():
+            for r in chain.rules:
+                if r.action.log is not None:
+                    out[r.action.log.prefix] = r.action.log.origin
+    return out

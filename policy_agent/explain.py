@@ -11,6 +11,8 @@ Semantics modelled (filter table only, as that is all we write):
   with ``-I <chain> 1`` in render order, so the last rendered one runs first.
   If every hook returns, the built-in chain's own rules and policy decide: we
   do not know them and report ACCEPT "by the built-in chain" (the usual case).
+  Pod -> node traffic that egress policy allowed is "returned to the host's own
+  rules" (endpoint_to_host_action RETURN, the default).
 - ACCEPT/DROP/REJECT end the traversal; JUMP calls; GOTO tail-calls (a RETURN
   from the target returns to the chain that called the goto-ing chain);
   RETURN or the end of a chain returns; MARK is ``--set-xmark value/mask``:
@@ -27,10 +29,11 @@ Semantics modelled (filter table only, as that is all we write):
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
-from policy_agent.desired import FILTER, Action, Chain, DesiredState, IPSet, LocalEndpoint, Match, Rule
+from policy_agent.desired import FILTER, Action, Chain, DesiredState, Hook, IPSet, LocalEndpoint, Match, Rule
 
 MAX_DEPTH = 64  # iptables refuses loops; a deeper walk means a broken state
 
@@ -116,8 +119,17 @@ class Explanation:
 
     @property
     def granting_steps(self) -> tuple[TraceStep, ...]:
-        """Rules that set a mark bit: policy rules that allowed, or 'not isolated' allows."""
-        return tuple(s for s in self.trace if s.grants and s.comment)
+        """Rules that set a mark bit: policy rules that allowed, or 'not isolated' allows.
+
+        A ClusterNetworkPolicy Accept sets the bit in the shared pa-cnp-accept chain: the
+        rule that went there (the step before) is the one that allowed."""
+        out = []
+        for i, s in enumerate(self.trace):
+            if s.grants and s.comment:
+                if s.chain == "pa-cnp-accept" and i > 0:
+                    s = self.trace[i - 1]
+                out.append(s)
+        return tuple(out)
 
     def summary(self) -> str:
         p = self.packet
@@ -131,7 +143,15 @@ class Explanation:
             f"{'ALLOWED' if self.allowed else 'DENIED'}{on} ({self.path.describe()})."
         )
         grants = "; ".join(s.comment for s in self.granting_steps)
-        if self.decided_by is None:
+        if self.decided_by is None and self.path.chain == "INPUT" and self.path.in_iface:
+            # pod -> node with endpoint_to_host_action RETURN: our policy allowed it, the
+            # host's firewall (and kube-proxy's KUBE-FIREWALL) has the last word.
+            second = "Allowed by our chains" + (f" ({grants})" if grants else "")
+            second += (
+                " and returned to the host's own rules: the INPUT rules after ours and the chain "
+                "policy decide (shown as ACCEPT)."
+            )
+        elif self.decided_by is None:
             second = "All our chains returned, so the built-in chain's own rules and policy decide"
             second += f" (allowed by: {grants})." if grants else "."
         elif self.allowed:
@@ -145,15 +165,96 @@ class Explanation:
             if self.decided_by.comment:
                 second += f" ({self.decided_by.comment})"
             second += f" after: {grants}." if grants else "."
+        # A policy enforced as a fallback (it could not be parsed) says so and why.
+        fallbacks = [s.comment for s in self.trace if " fallback: " in s.comment]
+        if fallbacks:
+            second += " Enforced as an unparseable policy's no-allow fallback: " + "; ".join(fallbacks) + "."
         return f"{first} {second}"
 
+    def tier_decisions(self) -> list[str]:
+        """Per direction walked (source egress, destination ingress): the tiers in order
+        (admin, NetworkPolicy, baseline) and which one decided."""
+        return tier_decisions(self.trace)
+
     def render(self) -> str:
-        lines = [self.summary(), "trace:"]
+        lines = [self.summary()]
+        tiers = self.tier_decisions()
+        if tiers:
+            lines.append("tiers:")
+            lines += [f"  {t}" for t in tiers]
+        lines.append("trace:")
         for s in self.trace:
             where = f"{s.chain} #{s.number}"
             lines.append(f"  {where:<34} mark={s.mark:#x}  {s.rule_text}")
         lines.append(f"verdict: {self.verdict}")
         return "\n".join(lines) + "\n"
+
+
+# --- tiers ---------------------------------------------------------------------------
+
+# Comments written by policy_agent.compiler.chains (cnp_chain, _policy_block).
+_CNP_RULE_RE = re.compile(
+    r"^(?P<tier>admin|baseline) tier cnp (?P<name>\S+) priority (?P<prio>\d+) (?P<dir>ingress|egress) "
+    r"rule (?P<rule>\d+)[^:]*: (?P<action>Accept|Deny|Pass)(?:, rule name=(?P<rname>.*))?$"
+)
+_OPEN_RE = re.compile(r": no policy selects the pod for (ingress|egress): allow$")
+_NP_DENY_RE = re.compile(r": no (ingress|egress) policy allowed the packet$")
+_TIER_TITLE = {"admin": "admin tier", "networkpolicy": "NetworkPolicy tier", "baseline": "baseline tier"}
+
+
+def _cnp_action(step: TraceStep, m: re.Match) -> str | None:
+    if step.action in ("DROP", "REJECT"):
+        return "Deny"
+    if step.action == "GOTO":
+        return m.group("action")  # goto pa-cnp-accept / pa-cnp-pass
+    return None
+
+
+def tier_decisions(trace: Iterable[TraceStep]) -> list[str]:
+    """One line per endpoint chain walked: "egress of <iface chain>: admin tier: ..., -> decided by ..."."""
+    out: list[str] = []
+    current: str | None = None
+    events: list[str] = []
+    decided = ""
+
+    def flush() -> None:
+        if current is not None and (events or decided):
+            out.append(f"{current}: " + "; ".join(events) + (f" => decided by the {decided}" if decided else ""))
+
+    prev: TraceStep | None = None
+    for step in trace:
+        if step.chain.startswith(("pa-fw-", "pa-tw-")) and step.number == 1:
+            flush()
+            direction = "egress" if step.chain.startswith("pa-fw-") else "ingress"
+            # the dispatch goto that led here names the pod
+            who = prev.comment if prev is not None and prev.action == "GOTO" and "/" in prev.comment else step.chain
+            current, events, decided = f"{direction} of {who}", [], ""
+            prev = step
+            continue
+        prev = step
+        if current is None:
+            continue
+        m = _CNP_RULE_RE.match(step.comment)
+        if m and (action := _cnp_action(step, m)):
+            rname = f" ({m.group('rname')})" if m.group("rname") else ""
+            tier = m.group("tier")
+            events.append(
+                f"{_TIER_TITLE[tier]}: {m.group('name')} priority {m.group('prio')} rule {m.group('rule')}{rname}: {action}"
+            )
+            if action != "Pass":
+                decided = f"{_TIER_TITLE[tier]} ({action})"
+            continue
+        if _OPEN_RE.search(step.comment):
+            events.append("no tier decided: default allow")
+            decided = "default allow"
+        elif _NP_DENY_RE.search(step.comment) and step.action in ("DROP", "REJECT"):
+            events.append(f"{_TIER_TITLE['networkpolicy']}: the pod is isolated and no policy allowed: Deny")
+            decided = f"{_TIER_TITLE['networkpolicy']} (Deny)"
+        elif step.grants and step.chain.startswith(("pa-pi-", "pa-po-")):
+            events.append(f"{_TIER_TITLE['networkpolicy']}: {step.comment}: Accept")
+            decided = f"{_TIER_TITLE['networkpolicy']} (Accept)"
+    flush()
+    return out
 
 
 # --- ipsets --------------------------------------------------------------------------
@@ -221,6 +322,18 @@ class _SetIndex:
         if (ip, proto, port) in self.ipports:
             return True
         return any(i == ip and p == proto and lo <= port <= hi for i, p, lo, hi in self.ipport_ranges)
+
+
+def set_contains(s: IPSet, address: str, protocol: str = "tcp", port: int | None = None,
+                 iface: str | None = None) -> bool:
+    """Is ``address`` (with protocol/port for hash:ip,port, interface for hash:net,iface) in ``s``?"""
+    idx = _SetIndex(s)
+    ip = ipaddress.ip_address(address)
+    if s.type == "hash:ip,port":
+        return idx.contains_ipport(ip, protocol, port)
+    if s.type == "hash:net,iface":
+        return idx.contains_ip_iface(ip, iface)
+    return idx.contains_ip(ip)
 
 
 # --- the walk ------------------------------------------------------------------------
@@ -302,7 +415,10 @@ class _Walk:
         return True
 
     def _step(self, chain: str, number: int, rule: Rule, action: str) -> None:
-        grants = action == "MARK" and bool(rule.action.mark and rule.action.mark[0])
+        # A MARK that sets bits grants, except the ClusterNetworkPolicy Pass bit.
+        grants = action == "MARK" and bool(rule.action.mark and rule.action.mark[0]) and not rule.comment.startswith(
+            "cluster network policy Pass"
+        )
         self.trace.append(TraceStep(chain, number, rule.comment, rule.body(), action, self.mark, grants))
 
     def run(self, name: str, depth: int = 0) -> TraceStep | None:
@@ -317,6 +433,8 @@ class _Walk:
                 continue
             a: Action = rule.action
             verb = a.verb
+            if verb == "NFLOG":
+                continue  # a flow log: the packet goes on, nothing decided
             if verb == "MARK":
                 assert a.mark is not None
                 value, mask = a.mark
@@ -348,8 +466,12 @@ def explain(
     src_name: str = "",
     dst_name: str = "",
     node: str = "",
+    hook_order: Mapping[str, Sequence[str]] | None = None,
 ) -> Explanation:
-    """Evaluate one packet through the hooks of ``path.chain`` and our chains."""
+    """Evaluate one packet through the hooks of ``path.chain`` and our chains.
+
+    ``hook_order``: built-in chain -> our hook targets as the kernel holds them, top
+    first (live explain walks the kernel's rules); default: the order apply inserts."""
     walk = _Walk(
         state.table(packet.family, FILTER),
         state.ipsets,
@@ -358,8 +480,11 @@ def explain(
         frozenset(ipaddress.ip_address(a) for a in node_ips),
     )
     hooks = sorted((h for h in state.hooks if h.table == FILTER and h.chain == path.chain), key=lambda h: h.target)
+    hooks.reverse()  # -I 1 in order: last rendered runs first
+    if hook_order is not None:
+        hooks = [Hook(FILTER, path.chain, t) for t in hook_order.get(path.chain, ())]
     decided: TraceStep | None = None
-    for n, hook in enumerate(reversed(hooks), start=1):  # -I 1 in order: last rendered runs first
+    for n, hook in enumerate(hooks, start=1):
         walk.trace.append(TraceStep(path.chain, n, hook.rule.comment, hook.rule.body(), "JUMP", walk.mark))
         decided = walk.run(hook.target)
         if decided is not None:
@@ -434,6 +559,7 @@ def explain_state_flow(
     family: int | None = None,
     uplink: str = DEFAULT_UPLINK,
     icmp_type: int | None = None,
+    hook_order: Mapping[str, Sequence[str]] | None = None,
 ) -> Explanation:
     """Explain a NEW flow src -> dst against an already compiled state for one node.
 
@@ -468,7 +594,7 @@ def explain_state_flow(
     else:
         raise ExplainError(f"neither {s.name} nor {d.name} is a local pod{where}: this node does not see the flow")
     pkt = Packet(fam, src_ip, dst_ip, protocol.lower(), port, icmp_type=icmp_type)
-    return explain(state, pkt, path, nips, src_name=s.name, dst_name=d.name, node=node)
+    return explain(state, pkt, path, nips, src_name=s.name, dst_name=d.name, node=node, hook_order=hook_order)
 
 
 def explain_flow(

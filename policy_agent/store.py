@@ -12,7 +12,17 @@ address would drop the pod's own traffic. A mismatch is logged
 (``endpoint_ip_mismatch``, once per pair). When the record goes (CNI DEL) the
 API's IPs apply again. A pod with a record but no ``spec.nodeName`` yet is
 known to be local; a pod the API places on another node ignores the record
-(a leftover of an earlier pod of the same name here).
+(a leftover of an earlier pod of the same name here). A record and a Pod whose
+UIDs are both known and differ (the pod was recreated under the same name) are
+not merged, and the Pod has no addresses here until they agree (fail closed:
+docs/decisions/cni-identity.md).
+
+Pod addresses are checked at the edge (policy_agent.model.parse, PodIPPolicy);
+the record's addresses pass the same check here. Every refused address
+(``Pod.rejected_ips``) is reported once per (pod, field, address, reason) until
+the pod's set of rejections changes: a ``pod_ip_rejected`` warning, an entry in
+``errors`` (shown by ``policy-agent status``) and ``on_pod_ip_rejected(reason)``
+(the agent's metric).
 
 ``take_changes()`` returns only keys whose *effective* value changed since the
 last call, so a relist that brings nothing new causes no apply at all.
@@ -21,22 +31,32 @@ last call, so a relist that brings nothing new causes no apply at all.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
-from policy_agent.model.types import ClusterSnapshot, Namespace, NetworkPolicy, Pod
+from policy_agent.model.parse import check_pod_ip
+from policy_agent.model.types import (
+    ClusterNetworkPolicy,
+    ClusterSnapshot,
+    Namespace,
+    NetworkPolicy,
+    Node,
+    Pod,
+    PodIPPolicy,
+    RejectedIP,
+)
 from policy_agent.shared.endpoint import EndpointRecord
 from policy_agent.sources.events import Delete, Event, InSync, Replace, SourceError, Upsert
 
 log = structlog.get_logger(__name__)
 
-MODEL_KINDS = ("Namespace", "Pod", "NetworkPolicy")
+MODEL_KINDS = ("Namespace", "Pod", "NetworkPolicy", "ClusterNetworkPolicy", "Node")
 KINDS = MODEL_KINDS + ("Endpoint", "Link")
 ERROR_HISTORY = 50
+_RECORD_PATH = "endpoint record"  # field path prefix of a CNI endpoint record's addresses
 
 
 @dataclass
@@ -48,16 +68,19 @@ class Changes:
     policies: dict[tuple[str, str], NetworkPolicy | None] = field(default_factory=dict)
     endpoints: dict[tuple[str, str], EndpointRecord | None] = field(default_factory=dict)
     links: dict[str, Any] = field(default_factory=dict)
+    cluster_policies: dict[str, ClusterNetworkPolicy | None] = field(default_factory=dict)
+    nodes: dict[str, Node | None] = field(default_factory=dict)
 
     @property
     def model_changed(self) -> bool:
-        return bool(self.namespaces or self.pods or self.policies)
+        return bool(self.namespaces or self.pods or self.policies or self.cluster_policies or self.nodes)
 
     def __bool__(self) -> bool:
         return self.model_changed or bool(self.endpoints or self.links)
 
     def count(self) -> int:
-        return len(self.namespaces) + len(self.pods) + len(self.policies) + len(self.endpoints) + len(self.links)
+        return (len(self.namespaces) + len(self.pods) + len(self.policies) + len(self.endpoints) + len(self.links)
+                + len(self.cluster_policies) + len(self.nodes))
 
 
 def _priority(source: str) -> tuple[int, str]:
@@ -67,8 +90,17 @@ def _priority(source: str) -> tuple[int, str]:
 class Store:
     """Not thread-safe: only the agent loop touches it (sources talk through the queue)."""
 
-    def __init__(self, node_name: str) -> None:
+    def __init__(
+        self,
+        node_name: str,
+        pod_ip_policy: PodIPPolicy | None = None,
+        on_pod_ip_rejected: Callable[[str], None] | None = None,
+    ) -> None:
         self.node_name = node_name
+        # Endpoint-record addresses pass the same check as the API's (model.parse).
+        self.pod_ip_policy = pod_ip_policy or PodIPPolicy()
+        self.on_pod_ip_rejected = on_pod_ip_rejected  # reason -> (metrics)
+        self._rejections_reported: dict[tuple[str, str], frozenset[RejectedIP]] = {}
         self._by_source: dict[str, dict[str, dict[Any, Any]]] = {}
         self._sources_sorted: list[str] = []
         self._effective: dict[str, dict[Any, Any]] = {k: {} for k in KINDS}
@@ -141,6 +173,39 @@ class Store:
         return None
 
     def _effective_pod(self, key: tuple[str, str]) -> Pod | None:
+        pod = self._merged_pod(key)
+        self._report_rejections(key, pod)
+        return pod
+
+    def _report_rejections(self, key: tuple[str, str], pod: Pod | None) -> None:
+        """Log, count and record each rejected pod address once, until the pod's set changes."""
+        now = frozenset(pod.rejected_ips) if pod is not None else frozenset()
+        before = self._rejections_reported.get(key, frozenset())
+        if now == before:
+            return
+        if now:
+            self._rejections_reported[key] = now
+        else:
+            self._rejections_reported.pop(key, None)
+        ref = f"{key[0]}/{key[1]}"
+        for r in sorted(now - before, key=lambda r: (r.path, r.address)):
+            source = "endpoint-record" if r.path.startswith(_RECORD_PATH) else self._pod_source(key)
+            log.warning("pod_ip_rejected", pod=ref, field=r.path, address=r.address, reason=r.reason,
+                        source=source)
+            self.error_count += 1
+            self.errors.append({"source": source, "kind": "Pod", "key": ref,
+                                "message": f"Pod {ref}: {r.path}: address {r.address!r} rejected ({r.reason}); "
+                                           "left out of the pod's addresses"})
+            if self.on_pod_ip_rejected is not None:
+                self.on_pod_ip_rejected(r.reason)
+
+    def _pod_source(self, key: tuple[str, str]) -> str:
+        for source in self._sources_sorted:
+            if key in self._by_source[source]["Pod"]:
+                return source
+        return ""
+
+    def _merged_pod(self, key: tuple[str, str]) -> Pod | None:
         pod = self._first("Pod", key)
         if pod is None:
             return None
@@ -148,16 +213,28 @@ class Store:
         if rec is None or (rec.namespace, rec.pod) != key or pod.node_name not in (None, self.node_name):
             self._mismatch_logged.pop(key, None)
             return pod
+        if rec.pod_uid and pod.uid and rec.pod_uid != pod.uid:
+            # The sandbox here is another incarnation of the name (pod deleted and
+            # recreated): its record must not take this object's labels, and this
+            # object's API addresses are stale here. No addresses: the interface stays
+            # unknown (dropped, fail closed) and gets no status file until they agree.
+            self._mismatch_logged.pop(key, None)
+            log.warning("endpoint_pod_uid_mismatch", pod=f"{key[0]}/{key[1]}", record_pod_uid=rec.pod_uid,
+                        pod_uid=pod.uid, container_id=rec.container_id)
+            return dataclasses.replace(pod, ips=()) if pod.ips else pod
         updates: dict[str, Any] = {}
-        ips = []
-        for text in rec.ips:
-            try:
-                ip = ipaddress.ip_address(text.split("/")[0])
-            except ValueError:
-                log.warning("endpoint_record_bad_ip", pod=f"{key[0]}/{key[1]}", ip=text)
-                continue
-            if ip not in ips:
+        ips: list = []
+        rejected: list[RejectedIP] = []
+        for i, text in enumerate(rec.ips):
+            # Our CNI wrote it, but it passes the same edge check as the API's
+            # addresses: one bad member would make the kernel refuse a whole batch.
+            ip, reason, shown = check_pod_ip(text.split("/")[0], self.pod_ip_policy)
+            if ip is None:
+                rejected.append(RejectedIP(f"{_RECORD_PATH}.ips[{i}]", shown, reason))
+            elif ip not in ips:
                 ips.append(ip)
+        if rejected:
+            updates["rejected_ips"] = pod.rejected_ips + tuple(rejected)
         if ips and tuple(ips) != pod.ips:
             if pod.ips and set(ips) != set(pod.ips):
                 pair = (tuple(ips), pod.ips)
@@ -175,7 +252,8 @@ class Store:
         ch = Changes()
         # Endpoints first: effective pods read them.
         for kind, out in (("Endpoint", ch.endpoints), ("Link", ch.links), ("Namespace", ch.namespaces),
-                          ("NetworkPolicy", ch.policies), ("Pod", ch.pods)):
+                          ("NetworkPolicy", ch.policies), ("ClusterNetworkPolicy", ch.cluster_policies),
+                          ("Node", ch.nodes), ("Pod", ch.pods)):
             eff = self._effective[kind]
             for key in self._dirty[kind]:
                 new = self._effective_pod(key) if kind == "Pod" else self._first(kind, key)
@@ -199,13 +277,24 @@ class Store:
             namespaces=dict(self._effective["Namespace"]),
             pods=dict(self._effective["Pod"]),
             policies=dict(self._effective["NetworkPolicy"]),
+            cluster_policies=dict(self._effective["ClusterNetworkPolicy"]),
+            nodes=dict(self._effective["Node"]),
         )
 
     def endpoint(self, namespace: str, pod: str) -> EndpointRecord | None:
         return self._effective["Endpoint"].get((namespace, pod))
 
+    def pod(self, namespace: str, name: str) -> Pod | None:
+        """The effective Pod as of the last take_changes() (what was compiled)."""
+        return self._effective["Pod"].get((namespace, name))
+
     def count(self, kind: str) -> int:
         return len(self._effective[kind])
+
+    def pods(self) -> list[Pod]:
+        """The effective pods (flow logs resolve addresses from another thread: one
+        C-level copy of the values, which the GIL keeps whole)."""
+        return list(self._effective["Pod"].values())
 
     def links(self) -> dict[str, Any]:
         return dict(self._effective["Link"])

@@ -14,8 +14,10 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 KUBE_VERSION="${KUBE_VERSION:-1.20.2}"
 CACHE_ROOT="${POLICY_AGENT_CACHE:-/var/cache/policy-agent}"
 OUT="$CACHE_ROOT/kube-apiserver-$KUBE_VERSION"
+# Present in binaries built with the reflect2 fix below; an older cache is rebuilt.
+STAMP=.reflect2-go118
 
-if [[ -x "$OUT/kube-apiserver" && -x "$OUT/kubectl" ]]; then
+if [[ -x "$OUT/kube-apiserver" && -x "$OUT/kubectl" && -f "$OUT/$STAMP" ]]; then
     echo "$OUT"
     exit 0
 fi
@@ -29,7 +31,7 @@ mkdir -p "$CACHE_ROOT"
 # One build at a time (parallel test sessions may all find the binary missing).
 exec 9>"$CACHE_ROOT/.kube-apiserver-$KUBE_VERSION.lock"
 flock 9
-if [[ -x "$OUT/kube-apiserver" && -x "$OUT/kubectl" ]]; then
+if [[ -x "$OUT/kube-apiserver" && -x "$OUT/kubectl" && -f "$OUT/$STAMP" ]]; then
     echo "$OUT"
     exit 0
 fi
@@ -73,6 +75,52 @@ case "$ver" in
 esac
 log "source package $ver in $(pwd)"
 
+# The vendored modern-go/reflect2 (1.0.1) links reflect.mapiterinit with its signature
+# from before Go 1.18, which then took a third argument (the caller's iterator). Built
+# with Debian's Go 1.19, every map iteration through it crashes the process ("unexpected
+# fault address"): json-iterator's sorted-key encoder runs it on every custom resource
+# create and update (apiextensions GetObjectMeta), so the first ClusterNetworkPolicy
+# written killed the server. Give it the Go 1.18 signature and a caller-owned iterator.
+R2=vendor/github.com/modern-go/reflect2
+if grep -q 'func mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer) \*hiter' "$R2/unsafe_link.go"; then
+    log "patching $R2 for Go >= 1.18 map iteration"
+    sed -i 's/func mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer) \*hiter/func mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer, it *hiter)/' "$R2/unsafe_link.go"
+    # The iterator is now ours to allocate: it needs the runtime's whole layout (Go 1.19's
+    # runtime.hiter; pointer fields as pointers so the collector sees them).
+    sed -i '/^type hiter struct {/,/^}/d' "$R2/unsafe_link.go"
+    sed -i 's/hiter:      mapiterinit(type2.rtype, \*(\*unsafe.Pointer)(obj)),/hiter:      newHiter(type2.rtype, *(*unsafe.Pointer)(obj)),/' "$R2/unsafe_map.go"
+    cat >>"$R2/unsafe_map.go" <<'GO'
+
+// hiter is runtime.hiter (Go 1.18-1.21 layout).
+type hiter struct {
+	key         unsafe.Pointer
+	value       unsafe.Pointer
+	t           unsafe.Pointer
+	h           unsafe.Pointer
+	buckets     unsafe.Pointer
+	bptr        unsafe.Pointer
+	overflow    unsafe.Pointer
+	oldoverflow unsafe.Pointer
+	startBucket uintptr
+	offset      uint8
+	wrapped     bool
+	B           uint8
+	i           uint8
+	bucket      uintptr
+	checkBucket uintptr
+}
+
+// newHiter: since Go 1.18 reflect.mapiterinit fills an iterator the caller allocates.
+func newHiter(rtype unsafe.Pointer, m unsafe.Pointer) *hiter {
+	it := new(hiter)
+	mapiterinit(rtype, m, it)
+	return it
+}
+GO
+fi
+grep -q 'func newHiter' "$R2/unsafe_map.go" && ! grep -rq 'mapiterinit(type2' "$R2" || {
+    log "$R2: unexpected source, the Go 1.18 map iteration fix did not apply"; exit 1; }
+
 # As debian/rules does: GOPATH in the tree, CGO off, `make WHAT=...`. The tree
 # vendors every module (vendor/), and the build runs in GOPATH mode from
 # _output/local/go, so nothing is downloaded; GOPROXY=off makes sure of it.
@@ -95,6 +143,7 @@ for b in kube-apiserver kubectl; do
     install -m 0755 "$f" "$tmp_out/$b"
 done
 "$tmp_out/kube-apiserver" --version >&2
+touch "$tmp_out/$STAMP"
 rm -rf "$OUT"
 mv "$tmp_out" "$OUT"
 echo "$OUT"

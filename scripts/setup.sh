@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iptables ipset iproute2 conntrack kmod procps python3-venv python3-dev gcc
               containernetworking-plugins socat iperf3 netcat-openbsd etcd-server etcd-client openssl rsync
-              ca-certificates curl git)
+              ca-certificates curl git nftables)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -30,10 +30,33 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"kernel/apiserver test skipped in CI: {reason}"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _flow_log_in_tmp(tmp_path_factory):
+    """Agents the tests start write their flow verdict log under pytest's temp dir, never
+    into the machine's /var/log (an explicit --flow-log-file, as the lab passes, wins)."""
+    key = "POLICY_AGENT_FLOW_LOG_FILE"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = str(tmp_path_factory.mktemp("flowlog") / "flows.jsonl")
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
 @pytest.fixture(autouse=True)
 def _reset_structlog():
-    """Entry points configure structlog; don't let one test's set-up leak into the next."""
+    """Entry points configure structlog; don't let one test's set-up leak into the next.
+
+    Each test starts with the production processor chain at debug level: structlog's
+    unconfigured default renders exceptions with rich, printing every frame's locals
+    (megabytes and seconds per failed apply), which made retry tests time out.
+    """
     import structlog
 
+    from policy_agent.logs import configure
+
+    configure("console", "debug")
     yield
     structlog.reset_defaults()

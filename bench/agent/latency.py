@@ -15,11 +15,17 @@ agent's min interval between them (independent events, not a burst):
   label change   alternately a local pod (changes which policies select it) and a
                  remote pod (changes ipset membership)
   policy add     a new policy selecting local pods
+  cnp create     a new ClusterNetworkPolicy (Admin and Baseline alternately) whose
+                 subject is one namespace: an ingress rule from pods of the namespaces
+                 of a team on TCP 80, an egress Deny to a CIDR
+  cnp update     each of them again with another priority and the ingress action Pass
+  cnp delete     each of them deleted
 Then idle CPU (agent + its iptables/ipset children) over --idle seconds, which
 includes the periodic kernel refresh, and RSS (VmRSS/VmHWM of this process,
 which is the agent plus this driver's copy of the objects).
 
   sudo .venv/bin/python bench/agent/latency.py --backend nft|legacy [--pods 10000 --policies 2000 --events 200 --idle 60]
+  sudo .venv/bin/python bench/agent/latency.py --backend nft --scale 50000   # the scale series' workload
 
 The backend is passed explicitly: in a fresh namespace there are no rules to detect
 from, so "auto" would measure whichever backend the tie rule picks on this host.
@@ -28,6 +34,7 @@ from, so "auto" would measure whichever backend the tie rule picks on this host.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import json
 import os
@@ -38,6 +45,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import workload as w  # noqa: E402
 
 from policy_agent import logs  # noqa: E402
 from policy_agent.agent import Agent, PushSource  # noqa: E402
@@ -45,6 +55,12 @@ from policy_agent.compiler.options import NodeConfig  # noqa: E402
 from policy_agent.dataplane.apply import Dataplane  # noqa: E402
 from policy_agent.lab import netns  # noqa: E402
 from policy_agent.model.types import (  # noqa: E402
+    ClusterNetworkPolicy,
+    CNPAction,
+    CNPPeer,
+    CNPPort,
+    CNPRule,
+    CNPTier,
     IPBlock,
     LabelSelector,
     Labels,
@@ -54,6 +70,7 @@ from policy_agent.model.types import (  # noqa: E402
     Pod,
     PolicyPort,
     PolicyType,
+    Protocol,
     Rule,
 )
 
@@ -86,6 +103,18 @@ def make_policy(ns: str, k: int, salt: str = "") -> NetworkPolicy:
     )
 
 
+def make_cnp(e: int) -> ClusterNetworkPolicy:
+    peer = CNPPeer("pods", namespace_selector=LabelSelector(Labels({"team": f"t{e % 3}"})),
+                   pod_selector=LabelSelector(Labels({"role": f"r{e % 5}"})))
+    docs_net = CNPPeer("networks", networks=(ipaddress.ip_network("192.0.2.0/24"),))
+    return ClusterNetworkPolicy(
+        f"cnp-{e}", CNPTier.ADMIN if e % 2 == 0 else CNPTier.BASELINE, e % 1000,
+        subject_namespaces=LabelSelector(Labels({"kubernetes.io/metadata.name": f"ns-{e % 100}"})),
+        ingress=(CNPRule(CNPAction.DENY, "from-team", (peer,), (CNPPort(Protocol.TCP, 80, 80),)),),
+        egress=(CNPRule(CNPAction.DENY, "no-docs-net", (docs_net,)),),
+    )
+
+
 def workload(n_pods: int, n_policies: int, n_ns: int = 100):
     per_ns = max(1, n_pods // n_ns)
     namespaces = {f"ns-{i}": Namespace(f"ns-{i}", Labels({"kubernetes.io/metadata.name": f"ns-{i}",
@@ -105,6 +134,12 @@ def workload(n_pods: int, n_policies: int, n_ns: int = 100):
             pol = make_policy(f"ns-{i}", k)
             pols[pol.key] = pol
     return namespaces, pods, pols, n
+
+
+def scale_workload(n_pods: int):
+    """bench/workload.py (the scale series): 20 pods and 4 policies per namespace."""
+    namespaces, pods, pols = w.cluster(n_pods)
+    return ({n.name: n for n in namespaces}, {p.key: p for p in pods}, {p.key: p for p in pols}, len(pods) + 1000)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -156,6 +191,8 @@ def main() -> int:
     ap.add_argument("--refresh-interval", type=float, default=30.0)
     ap.add_argument("--backend", choices=("nft", "legacy", "auto"), default="nft", help="iptables backend")
     ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--scale", type=int, default=0,
+                    help="use bench/workload.py with this many pods (0.2 policies per pod) instead of --pods/--policies")
     args = ap.parse_args()
     logs.configure("console", "warning")
 
@@ -163,10 +200,15 @@ def main() -> int:
     netns.create(node_ns)
     agent = None
     try:
-        namespaces, pods, pols, n_next = workload(args.pods, args.policies)
+        if args.scale:
+            namespaces, pods, pols, n_next = scale_workload(args.scale)
+        else:
+            namespaces, pods, pols, n_next = workload(args.pods, args.policies)
+        nslist = sorted(namespaces)
         src = PushSource("kube", {"Namespace": namespaces, "Pod": pods, "NetworkPolicy": pols})
         waiter = Waiter()
-        agent = Agent(NodeConfig(NODE), Dataplane(netns=node_ns, backend=args.backend), [src], min_interval=args.min_interval,
+        node_name = w.NODE if args.scale else NODE
+        agent = Agent(NodeConfig(node_name), Dataplane(netns=node_ns, backend=args.backend), [src], min_interval=args.min_interval,
                       refresh_interval=args.refresh_interval, on_enforced=waiter)
         t0 = time.monotonic()
         agent.start()
@@ -176,7 +218,8 @@ def main() -> int:
         st = agent.status()
         print(f"initial sync: {initial:.2f} s  ({st['counts']})", flush=True)
 
-        results: dict[str, list[float]] = {"pod_add": [], "pod_label_change": [], "policy_add": []}
+        results: dict[str, list[float]] = {"pod_add": [], "pod_label_change": [], "policy_add": [],
+                                           "cnp_create": [], "cnp_update": [], "cnp_delete": []}
         reg = agent.metrics.registry
         split: dict[str, dict[str, float]] = {}
 
@@ -201,30 +244,53 @@ def main() -> int:
         # pod add: new local pods
         before = sums()
         for e in range(args.events):
-            i = e % 100
-            p = make_pod(f"ns-{i}", f"new-{e}", n_next, f"app-{e % 20}", f"r{e % 5}", True)
+            if args.scale:
+                p = w.pod_obj(nslist[e % len(nslist)], e % w.PODS_PER_NS, n_next, node_name, name=f"new-{e}")
+            else:
+                p = make_pod(f"ns-{e % 100}", f"new-{e}", n_next, f"app-{e % 20}", f"r{e % 5}", True)
             n_next += 1
             results["pod_add"].append(one(lambda p=p: src.upsert("Pod", p.key, p)))
         phase("pod_add", before)
         before = sums()
         # label change: alternate local / remote pods
-        local = [p for p in pods.values() if p.node_name == NODE]
-        remote = [p for p in pods.values() if p.node_name != NODE]
+        local = [p for p in pods.values() if p.node_name == node_name]
+        remote = [p for p in pods.values() if p.node_name != node_name]
+        napps = w.APPS if args.scale else 20
         for e in range(args.events):
             pick = local[e % len(local)] if e % 2 == 0 else remote[(e * 37) % len(remote)]
             base = pods[pick.key]  # current version: a repeat pick must still be a change
-            newapp = f"app-{(int(base.labels['app'].split('-')[1]) + 1) % 20}"
+            newapp = f"app-{(int(base.labels['app'].split('-')[1]) + 1) % napps}"
             q = Pod(base.namespace, base.name, Labels({**base.labels, "app": newapp}), base.node_name, base.ips,
-                    phase="Running")
+                    base.ports, phase="Running")
             pods[q.key] = q
             results["pod_label_change"].append(one(lambda q=q: src.upsert("Pod", q.key, q)))
         phase("pod_label_change", before)
         before = sums()
         # policy add
         for e in range(args.events):
-            pol = make_policy(f"ns-{e % 100}", e % 20, salt=f"-new{e}")
+            if args.scale:  # selects a local pod's app in its namespace
+                lp = local[e % len(local)]
+                pol = make_policy(lp.namespace, int(lp.labels["app"].split("-")[1]), salt=f"-new{e}")
+            else:
+                pol = make_policy(f"ns-{e % 100}", e % 20, salt=f"-new{e}")
             results["policy_add"].append(one(lambda pol=pol: src.upsert("NetworkPolicy", pol.key, pol)))
         phase("policy_add", before)
+        # ClusterNetworkPolicy create, update, delete
+        cnps = [make_cnp(e) for e in range(args.events)]
+        before = sums()
+        for c in cnps:
+            results["cnp_create"].append(one(lambda c=c: src.upsert("ClusterNetworkPolicy", c.key, c)))
+        phase("cnp_create", before)
+        before = sums()
+        for c in cnps:
+            u = dataclasses.replace(c, priority=(c.priority + 500) % 1001, ingress=tuple(
+                dataclasses.replace(r, action=CNPAction.PASS) for r in c.ingress))
+            results["cnp_update"].append(one(lambda u=u: src.upsert("ClusterNetworkPolicy", u.key, u)))
+        phase("cnp_update", before)
+        before = sums()
+        for c in cnps:
+            results["cnp_delete"].append(one(lambda c=c: src.delete("ClusterNetworkPolicy", c.key)))
+        phase("cnp_delete", before)
 
         # idle
         t = os.times()

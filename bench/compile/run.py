@@ -1,25 +1,18 @@
 """Compiler benchmark: full compile, incremental updates, peak RSS.
 
-Workload (seeded, deterministic): 500 namespaces x 20 pods = 10,000 pods,
-4 policies per namespace = 2,000 policies, 110 pods on the measured node,
-a quarter of the pods dual-stack. Per namespace:
-  1. default-deny ingress (podSelector {}),
-  2. app-<k> from app-<k+1> of the same namespace on 8080 and named port "http",
-  3. tier in (api, web) from pods labelled role=monitor in namespaces team=<t>
-     on named port "metrics" (namespace+pod selector),
-  4. egress for the namespace: DNS to kube-system pods, 443 to 0.0.0.0/0 except
-     10.0.0.0/8, and any port to pods of namespaces env=<same env>.
+Workload: bench/workload.py (default 500 namespaces x 20 pods = 10,000 pods,
+4 policies per namespace = 2,000 policies, 110 pods on the measured node;
+--pods N picks the size of the scale series).
 Incremental: each operation is applied to a warm Compiler and followed by
 desired(); both the operation alone and operation+desired() are timed.
 
-Usage: .venv/bin/python bench/compile/run.py [--json out.json] [--reps 300]
+Usage: .venv/bin/python bench/compile/run.py [--pods 10000 | --namespaces 500] [--json out.json] [--reps 300]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import ipaddress
 import json
 import os
 import platform
@@ -29,100 +22,21 @@ import statistics
 import sys
 import time
 
-from policy_agent import logs
-from policy_agent.compiler import Compiler, compile
-from policy_agent.compiler.options import NodeConfig
-from policy_agent.model.types import (
-    MATCH_ALL,
-    ClusterSnapshot,
-    ContainerPort,
-    IPBlock,
-    Labels,
-    LabelSelector,
-    Namespace,
-    NetworkPolicy,
-    Operator,
-    Peer,
-    Pod,
-    PolicyPort,
-    PolicyType,
-    Protocol,
-    Requirement,
-    Rule,
-)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-NODE = "node-1"
-N_NS, PODS_PER_NS, POLS_PER_NS, LOCAL = 500, 20, 4, 110
-APPS = 5
+import workload as w  # noqa: E402
+from workload import APPS, LOCAL, NODE, PODS_PER_NS, policies_for, pod_obj  # noqa: E402
+
+from policy_agent import logs  # noqa: E402
+from policy_agent.compiler import Compiler, compile  # noqa: E402
+from policy_agent.compiler.options import NodeConfig  # noqa: E402
+from policy_agent.model.types import ClusterSnapshot, LabelSelector, Labels, Namespace, NetworkPolicy, Pod  # noqa: E402
 
 
-def ns_obj(i: int, rng: random.Random) -> Namespace:
-    name = f"ns-{i:03d}"
-    return Namespace(name, Labels({"kubernetes.io/metadata.name": name, "team": f"t{i % 25}",
-                                   "env": rng.choice(("prod", "stage", "dev"))}))
 
 
-def pod_obj(ns: str, j: int, serial: int, node: str, rng: random.Random, labels_extra=None) -> Pod:
-    ips = [ipaddress.ip_address(f"10.{64 + serial // 65536}.{(serial // 256) % 256}.{serial % 256}")]
-    if serial % 4 == 0:
-        ips.append(ipaddress.ip_address(f"fd00:64::{serial // 65536:x}:{serial % 65536:x}"))
-    labels = {"app": f"app-{j % APPS}", "tier": ("web", "api", "db")[j % 3], "pod-template-hash": f"h{j % 7}"}
-    if j % 10 == 0:
-        labels["role"] = "monitor"
-    labels.update(labels_extra or {})
-    ports = (ContainerPort(8080 + j % 3, Protocol.TCP, "http"), ContainerPort(9100, Protocol.TCP, "metrics"))
-    return Pod(ns, f"pod-{j:03d}", Labels(labels), node, tuple(ips), ports, phase="Running")
-
-
-def sel(**labels) -> LabelSelector:
-    return LabelSelector(Labels(labels))
-
-
-def policies_for(i: int, ns: Namespace) -> list[NetworkPolicy]:
-    n = ns.name
-    k = i % APPS
-    env = ns.labels["env"]
-    return [
-        NetworkPolicy(n, "default-deny", MATCH_ALL, (PolicyType.INGRESS,)),
-        NetworkPolicy(
-            n, f"app-{k}-ingress", sel(app=f"app-{k}"), (PolicyType.INGRESS,),
-            ingress=(Rule((PolicyPort(Protocol.TCP, 8080), PolicyPort(Protocol.TCP, "http")),
-                          (Peer(pod_selector=sel(app=f"app-{(k + 1) % APPS}")),)),),
-        ),
-        NetworkPolicy(
-            n, "allow-monitoring",
-            LabelSelector(match_expressions=(Requirement("tier", Operator.IN, ("api", "web")),)),
-            (PolicyType.INGRESS,),
-            ingress=(Rule((PolicyPort(Protocol.TCP, "metrics"),),
-                          (Peer(pod_selector=sel(role="monitor"), namespace_selector=sel(team=f"t{(i + 1) % 25}")),)),),
-        ),
-        NetworkPolicy(
-            n, "egress", MATCH_ALL, (PolicyType.EGRESS,),
-            egress=(
-                Rule((PolicyPort(Protocol.UDP, 53), PolicyPort(Protocol.TCP, 53)),
-                     (Peer(namespace_selector=sel(**{"kubernetes.io/metadata.name": "ns-000"})),)),
-                Rule((PolicyPort(Protocol.TCP, 443),),
-                     (Peer(ip_block=IPBlock(ipaddress.ip_network("0.0.0.0/0"),
-                                            (ipaddress.ip_network("10.0.0.0/8"),))),)),
-                Rule((), (Peer(namespace_selector=sel(env=env)),)),
-            ),
-        ),
-    ]
-
-
-def workload(seed: int = 1, n_ns: int = N_NS, n_local: int = LOCAL):
-    rng = random.Random(seed)
-    namespaces = [ns_obj(i, rng) for i in range(n_ns)]
-    total = n_ns * PODS_PER_NS
-    local = set(rng.sample(range(total), n_local))
-    pods, pols = [], []
-    for i, ns in enumerate(namespaces):
-        for j in range(PODS_PER_NS):
-            serial = i * PODS_PER_NS + j
-            node = NODE if serial in local else f"node-{2 + serial % 90}"
-            pods.append(pod_obj(ns.name, j, serial, node, rng))
-        pols += policies_for(i, ns)
-    return namespaces, pods, pols
+def workload(seed: int = 1, n_ns: int = 500, n_local: int = LOCAL):
+    return w.cluster(n_ns * PODS_PER_NS, n_local, seed)
 
 
 def pct(xs, q):
@@ -159,24 +73,29 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--reps", type=int, default=300)
-    ap.add_argument("--namespaces", type=int, default=N_NS, help="namespaces (20 pods, 4 policies each)")
+    ap.add_argument("--namespaces", type=int, default=500, help="namespaces (20 pods, 4 policies each)")
+    ap.add_argument("--pods", type=int, default=0, help="pods (overrides --namespaces: pods / 20 namespaces)")
     ap.add_argument("--local", type=int, default=LOCAL, help="pods on the measured node")
     ap.add_argument("--gc-freeze", action="store_true",
                     help="gc.freeze() after the initial load (moves the loaded objects out of GC scans)")
     args = ap.parse_args()
     logs.configure("console", "warning")
     rng = random.Random(42)
+    if args.pods:
+        args.namespaces = -(-args.pods // PODS_PER_NS)
     namespaces, pods, pols = workload(n_ns=args.namespaces, n_local=args.local)
     n_ns = len(namespaces)
     snap = ClusterSnapshot.of([*namespaces, *pods, *pols])
     node = NodeConfig(NODE)
 
     gc.collect()
-    full = []
+    full, full_cpu = [], []
     for _ in range(5):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         state = compile(snap, node)
         full.append(time.perf_counter() - t0)
+        full_cpu.append(time.process_time() - c0)
     shape = {
         "chains_v4": len(state.table(4)), "chains_v6": len(state.table(6)),
         "rules_v4": sum(len(c.rules) for c in state.table(4).values()),
@@ -191,7 +110,7 @@ def main() -> int:
         gc.collect()
         gc.freeze()
     results = {}
-    serial = 10**5
+    serial = len(pods) + 1000  # new pods get addresses no existing pod has
     local_keys = [p.key for p in pods if p.node_name == NODE]
 
     # pod add (remote and local, alternating) then delete (delete timed separately)
@@ -199,7 +118,7 @@ def main() -> int:
     for r in range(args.reps):
         ns = namespaces[rng.randrange(n_ns)].name
         serial += 1
-        p = pod_obj(ns, rng.randrange(PODS_PER_NS), serial, NODE if r % 2 else "node-7", rng)
+        p = pod_obj(ns, rng.randrange(PODS_PER_NS), serial, NODE if r % 2 else "node-7")
         p = Pod(p.namespace, f"new-{serial}", p.labels, p.node_name, p.ips, p.ports, phase="Running")
         timed(c, lambda p=p: c.upsert_pod(p), add_op, add_tot)
         timed(c, lambda p=p: c.delete_pod(p.namespace, p.name), del_op, del_tot)
@@ -266,7 +185,8 @@ def main() -> int:
                     "cpu": _cpu_model()},
         "workload": {"namespaces": n_ns, "pods": len(pods), "policies": len(pols), "local_pods": args.local},
         "output_shape": shape,
-        "full_compile": {"runs_s": [round(x, 3) for x in full], "median_s": round(statistics.median(full), 3)},
+        "full_compile": {"runs_s": [round(x, 3) for x in full], "median_s": round(statistics.median(full), 3),
+                         "cpu_median_s": round(statistics.median(full_cpu), 3)},
         "incremental": results,
         "incremental_equals_full": consistent,
         "peak_rss_mb": round(rss_mb, 1),

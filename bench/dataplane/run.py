@@ -1,20 +1,35 @@
-"""Dataplane benchmark, all inside private network namespaces. Prints JSON.
+"""Dataplane benchmark on the compiler's real output, all inside private network
+namespaces. Prints JSON (and writes it with --json).
 
-1. Program from empty (workload.py: 110 local endpoints, 2,000 policies, 10,000
-   pods): Dataplane.apply vs one raw `ipset restore` + `iptables-restore` (v4, v6)
-   of the same final ruleset, each into a fresh node namespace; median of 3.
-2. Deltas on the programmed node: one policy added, one remote pod added, one
-   local pod added, nothing changed: seconds and kernel lines written. Each delta
-   is applied forward and back (with sweep) --rounds times; medians. Two variants:
-   "reused": chains and sets that did not change are the same objects as in the
-   previous state, which is what the incremental compiler hands the dataplane (so
-   the figure is the agent's); "fresh": every object rebuilt, so the dataplane
-   must compare unchanged chains and sets by value.
-3. Per packet, two local pods of the ruleset behind real veths: iperf3 TCP
-   throughput and new TCP connections/s, ruleset vs no rules, alternating rounds
-   (see per_packet for the modes).
+Workload: bench/workload.py at --pods (default 10,000 pods / 2,000 policies / 500
+namespaces / 110 local pods) -> policy_agent.compiler.Compiler -> DesiredState: the
+ruleset the agent ships, nothing hand-built.
 
-usage: python bench/dataplane/run.py [--backend nft|legacy] [--rounds 3] [--packet-rounds 7] [--no-packets]
+1. from_empty: Dataplane.apply (a warm process: imports, backend detection done) vs
+   one raw `ipset restore` + `iptables-restore --noflush` v4 + v6 of the very text the
+   state renders to, each into a fresh node namespace, alternating, --rounds rounds;
+   median and best. first_apply_fresh_process: the same apply timed inside a new
+   Python process (what an agent restart on an empty node pays, imports excluded).
+2. deltas: on the programmed node, one small change at a time through the incremental
+   compiler (what the agent hands the dataplane): a policy add (selects a local pod), a
+   local pod add, a remote pod add, nothing changed; each applied forward and back
+   --delta-rounds times; median and max of the forward apply, and lines written.
+3. per_packet (unless --no-packets): the server and client pods of
+   workload.packet_pair behind real veths of the node namespace, under the full
+   ruleset; modes switched by one restore each, alternating rounds (order rotated each
+   round):
+     none     a first rule `-j ACCEPT` in FORWARD: none of our rules is evaluated
+     ct_only  `-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT` then `-j ACCEPT`
+              first in FORWARD: the conntrack-only baseline a kube-proxy node pays
+     rules    the compiled ruleset as applied
+   Per sample: iperf3 TCP throughput for --seconds, and the rate of a bounded loop of
+   --conns TCP connects (connect, read the server's greeting, close). Ratios are the
+   median of per-round ratios (same load within a round). A connection to a port no
+   policy allows is checked to fail under `rules` (the ruleset is really in force).
+
+usage: python bench/dataplane/run.py [--pods 10000] [--backend nft|legacy] [--rounds 3]
+           [--delta-rounds 7] [--no-packets | --packets-only] [--packet-rounds 11]
+           [--seconds 2] [--conns 2000] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,211 +37,306 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
+import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 import workload as w  # noqa: E402
 
 from policy_agent import logs  # noqa: E402
-from policy_agent.dataplane import sample as s  # noqa: E402
+from policy_agent.compiler import Compiler  # noqa: E402
+from policy_agent.compiler.options import NodeConfig  # noqa: E402
 from policy_agent.dataplane.apply import Dataplane  # noqa: E402
 from policy_agent.dataplane.kernel import binary  # noqa: E402
 from policy_agent.desired import render_ipset_restore, render_iptables_save  # noqa: E402
 from policy_agent.lab import netns  # noqa: E402
+from policy_agent.model.types import Labels, LabelSelector, NetworkPolicy, PolicyPort, PolicyType, Protocol, Rule  # noqa: E402
+from policy_agent.model.types import Peer as MPeer  # noqa: E402
+
+AREA = "dpbench"
 
 CONN_CLIENT = """
 import socket, sys, time
-ip, port, dur = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-n, end = 0, time.monotonic() + dur
-while time.monotonic() < end:
+ip, port, n, cap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+done, t0 = 0, time.perf_counter()
+while done < n and time.perf_counter() - t0 < cap:
     c = socket.create_connection((ip, port), timeout=2)
     c.recv(64)
     c.close()
-    n += 1
-print(n / dur)
+    done += 1
+print(done / (time.perf_counter() - t0))
 """
+
+CHILD_APPLY = """
+import pickle, sys, time
+sys.path.insert(0, sys.argv[4])
+from policy_agent import logs
+from policy_agent.dataplane.apply import Dataplane
+logs.configure("console", "warning", stream=sys.stderr)
+with open(sys.argv[1], "rb") as f:
+    d = pickle.load(f)
+dp = Dataplane(netns=sys.argv[2], backend=sys.argv[3])
+_ = dp.kernel
+t0 = time.perf_counter()
+dp.apply(d)
+print(time.perf_counter() - t0)
+"""
+
+
+def machine() -> dict:
+    cpu = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": os.cpu_count(), "kernel": platform.release(), "cpu": cpu, "python": platform.python_version(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def raw_restore(ns: str, backend: str, ipset_text: str, v4: str, v6: str) -> float:
+    t0 = time.perf_counter()
+    netns.run(ns, "ipset", "restore", input=ipset_text)
+    netns.run(ns, binary(backend, 4, "restore"), "--noflush", input=v4)
+    netns.run(ns, binary(backend, 6, "restore"), "--noflush", input=v6)
+    return time.perf_counter() - t0
 
 
 def from_empty(backend: str, d, rounds: int) -> dict:
     ours, raw = [], []
     ipset_text = render_ipset_restore(d)
     v4, v6 = render_iptables_save(d, 4), render_iptables_save(d, 6)
+    lines = 0
     for r in range(rounds):
-        ns = netns.unique_name("dpbench", f"empty{r}")
-        try:
-            netns.create(ns)
-            dp = Dataplane(netns=ns, backend=backend)
-            _ = dp.kernel  # backend detection is start-up cost, not apply cost
-            t0 = time.perf_counter()
-            rep = dp.apply(d)
-            ours.append(time.perf_counter() - t0)
-            lines = rep.lines_written
-        finally:
-            netns.delete(ns)
-        try:
-            netns.create(ns)
-            t0 = time.perf_counter()
-            netns.run(ns, "ipset", "restore", input=ipset_text)
-            netns.run(ns, binary(backend, 4, "restore"), "--noflush", input=v4)
-            netns.run(ns, binary(backend, 6, "restore"), "--noflush", input=v6)
-            raw.append(time.perf_counter() - t0)
-        finally:
-            netns.delete(ns)
+        for side in (("ours", "raw") if r % 2 == 0 else ("raw", "ours")):
+            ns = netns.unique_name(AREA, f"empty{r}")
+            try:
+                netns.create(ns)
+                if side == "ours":
+                    dp = Dataplane(netns=ns, backend=backend)
+                    _ = dp.kernel  # backend detection is start-up cost, not apply cost
+                    t0 = time.perf_counter()
+                    lines = dp.apply(d).lines_written
+                    ours.append(time.perf_counter() - t0)
+                else:
+                    raw.append(raw_restore(ns, backend, ipset_text, v4, v6))
+            finally:
+                netns.delete(ns)
     o, rw = statistics.median(ours), statistics.median(raw)
-    return {"ours_s": round(o, 3), "raw_restore_s": round(rw, 3), "ratio": round(o / rw, 2), "lines_written": lines,
+    return {"ours_s": round(o, 3), "raw_restore_s": round(rw, 3), "ratio_median": round(o / rw, 2),
+            "ours_best_s": round(min(ours), 3), "raw_best_s": round(min(raw), 3),
+            "ratio_best": round(min(ours) / min(raw), 2), "rounds": rounds, "lines_written": lines,
             "raw_lines": len(ipset_text.splitlines()) + len(v4.splitlines()) + len(v6.splitlines())}
 
 
-def reuse(prev, d):
-    """``d`` with every chain and set equal to one in ``prev`` replaced by prev's object,
-    as the incremental compiler does (done before the clock starts)."""
-    chains = {}
-    for key, table in d.chains.items():
-        old = prev.chains.get(key, {})
-        chains[key] = {n: (old[n] if n in old and old[n] == c else c) for n, c in table.items()}
-    sets = {n: (prev.ipsets[n] if n in prev.ipsets and prev.ipsets[n] == x else x) for n, x in d.ipsets.items()}
-    eps = prev.endpoints if prev.endpoints == d.endpoints else d.endpoints
-    return type(d)(chains=chains, hooks=prev.hooks, ipsets=sets, endpoints=eps)
+def fresh_process(backend: str, d, rounds: int) -> dict:
+    """First apply of a new process into an empty node, vs the raw restore in the same round."""
+    ipset_text = render_ipset_restore(d)
+    v4, v6 = render_iptables_save(d, 4), render_iptables_save(d, 6)
+    ours, raw = [], []
+    root = os.path.dirname(os.path.dirname(HERE))
+    with tempfile.NamedTemporaryFile(suffix=".pickle") as f:
+        pickle.dump(d, f)
+        f.flush()
+        for r in range(rounds):
+            ns = netns.unique_name(AREA, f"fresh{r}")
+            try:
+                netns.create(ns)
+                out = subprocess.run([sys.executable, "-c", CHILD_APPLY, f.name, ns, backend, root],
+                                     capture_output=True, text=True, timeout=600, check=True).stdout
+                ours.append(float(out.strip().splitlines()[-1]))
+            finally:
+                netns.delete(ns)
+            ns = netns.unique_name(AREA, f"freshraw{r}")
+            try:
+                netns.create(ns)
+                raw.append(raw_restore(ns, backend, ipset_text, v4, v6))
+            finally:
+                netns.delete(ns)
+    o, rw = statistics.median(ours), statistics.median(raw)
+    return {"ours_s": round(o, 3), "raw_restore_s": round(rw, 3), "ratio_median": round(o / rw, 2), "rounds": rounds}
 
 
-def deltas(dp: Dataplane, base, pods, policies, rounds: int) -> dict:
+def _extra_policy(ns: str, app: str, name: str) -> NetworkPolicy:
+    sel = LabelSelector(Labels({"app": app}))
+    return NetworkPolicy(ns, name, sel, (PolicyType.INGRESS,),
+                         ingress=(Rule((PolicyPort(Protocol.TCP, 8443),),
+                                       (MPeer(pod_selector=LabelSelector(Labels({"tier": "web"}))),)),))
+
+
+def deltas(dp: Dataplane, c: Compiler, pods, rounds: int) -> dict:
+    """Forward and back through the incremental compiler, as the agent does."""
+    server, _client = w.packet_pair(pods)
+    serial = len(pods) + 100
     out: dict = {}
-    extra = s.Policy("ns0", "extra", "app=a0", ingress=(s.PolicyRule(s.Peer("ns0", "app=a7"), (("tcp", 8443),)),))
-    steps = {
-        "policy_added": (pods, policies + [extra]),
-        "remote_pod_added": (pods + [w.pod(1, 100, local=False)], policies),
-        "local_pod_added": (pods + [w.pod(0, 2, local=True)], policies),
-    }
-    for variant in ("reused", "fresh"):
-        for name, (p, pol) in steps.items():
-            times, back, rep = [], [], None
-            for _ in range(rounds):
-                fwd = s.build(p, pol)
-                rev = s.build(pods, policies)
-                if variant == "reused":
-                    fwd, rev = reuse(base, fwd), base
-                t0 = time.perf_counter()
-                rep = dp.apply(fwd, allow_sweep=True)
-                times.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                dp.apply(rev, allow_sweep=True)
-                back.append(time.perf_counter() - t0)
-            out[f"{name}_{variant}"] = {
-                "apply_ms": round(1000 * statistics.median(times), 1), "undo_ms": round(1000 * statistics.median(back), 1),
-                "iptables_lines": rep.iptables_lines, "ipset_lines": rep.ipset_lines,
-                "chains_rewritten": len(rep.chains_rewritten), "chains_created": len(rep.chains_created)}
-        same = []
-        for _ in range(rounds):
-            d = base if variant == "reused" else s.build(pods, policies)
+
+    def one(name: str, fwd, back) -> None:
+        times, undo, rep = [], [], None
+        for r in range(rounds):
+            fwd(r)
+            d = c.desired()
             t0 = time.perf_counter()
             rep = dp.apply(d, allow_sweep=True)
-            same.append(time.perf_counter() - t0)
-        out[f"nothing_changed_{variant}"] = {"apply_ms": round(1000 * statistics.median(same), 2),
-                                             "lines": rep.lines_written}
+            times.append(time.perf_counter() - t0)
+            back(r)
+            d = c.desired()
+            t0 = time.perf_counter()
+            dp.apply(d, allow_sweep=True)
+            undo.append(time.perf_counter() - t0)
+        out[name] = {"apply_ms": round(1000 * statistics.median(times), 1), "max_ms": round(1000 * max(times), 1),
+                     "undo_ms": round(1000 * statistics.median(undo), 1), "iptables_lines": rep.iptables_lines,
+                     "ipset_lines": rep.ipset_lines, "chains_rewritten": len(rep.chains_rewritten),
+                     "chains_created": len(rep.chains_created), "rounds": rounds}
+
+    app = server.labels["app"]
+    one("policy_add",
+        lambda r: c.upsert_policy(_extra_policy(server.namespace, app, f"bench-extra-{r}")),
+        lambda r: c.delete_policy(server.namespace, f"bench-extra-{r}"))
+    one("local_pod_add",
+        lambda r: c.upsert_pod(w.pod_obj(server.namespace, 1, serial + r, w.NODE, name=f"bench-local-{r}")),
+        lambda r: c.delete_pod(server.namespace, f"bench-local-{r}"))
+    one("remote_pod_add",
+        lambda r: c.upsert_pod(w.pod_obj(server.namespace, 2, serial + 50 + r, "node-77", name=f"bench-remote-{r}")),
+        lambda r: c.delete_pod(server.namespace, f"bench-remote-{r}"))
+    same = []
+    d = c.desired()
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        rep = dp.apply(d, allow_sweep=True)
+        same.append(time.perf_counter() - t0)
+    out["nothing_changed"] = {"apply_ms": round(1000 * statistics.median(same), 2), "lines": rep.lines_written}
     return out
 
 
 BYPASS = "-m comment --comment bench-bypass -j ACCEPT"
-CT_FIRST = "-m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment bench-ct-first -j ACCEPT"
+CT_ONLY = "-m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment bench-ct-only -j ACCEPT"
+MODE_RULES = {"none": [BYPASS], "ct_only": [CT_ONLY, BYPASS], "rules": []}
+MODES = ("none", "ct_only", "rules")
 
 
-def per_packet(backend: str, d, rounds: int, seconds: float) -> dict:
-    """Modes, switched by one restore each so rounds can alternate quickly (the load on
-    this machine drifts; alternating cancels most of the drift):
-      none            a first rule ACCEPT in FORWARD: no rule of ours is evaluated
-      rules           the ruleset as applied
-      rules_ct_first  experiment: the ruleset plus RELATED,ESTABLISHED -> ACCEPT as the
-                      first rule of pa-FORWARD (not what the compiler emits today)."""
-    node = netns.unique_name("dpbench", "node")
-    a, b = w.pod(0, 0), w.pod(0, 1)  # b may reach a on tcp/5201 and tcp/80 (ns0 pol0)
-    pa, pb = netns.unique_name("dpbench", "pa"), netns.unique_name("dpbench", "pb")
-    modes = ("none", "rules", "rules_ct_first")
-    res: dict[str, list[float]] = {f"{k}_{m}": [] for k in ("tput", "cps") for m in modes}
-    made = []
+def per_packet(backend: str, d, pods, rounds: int, seconds: float, conns: int) -> dict:
+    server, client = w.packet_pair(pods)
+    eps = {(e.namespace, e.pod): e for e in d.endpoints}
+    s_ep, c_ep = eps[server.key], eps[client.key]
+    s_ip = str(server.ips[0])
+    iperf_port, conn_port = w.PAIR_PORTS
+    node, ps, pc = (netns.unique_name(AREA, r) for r in ("node", "srv", "cli"))
+    res: dict[str, list[float]] = {f"{k}_{m}": [] for k in ("tput", "cps") for m in MODES}
+    made, iperf = [], None
     restore = binary(backend, 4, "restore")
     try:
-        for ns in (node, pa, pb):
+        for ns in (node, ps, pc):
             netns.create(ns)
             made.append(ns)
         netns.enable_forwarding(node)
-        netns.add_veth(node, pa, a.iface, a.ips)
-        netns.add_veth(node, pb, b.iface, b.ips)
-        netns.start_server(pa, tcp_ports=(80,))
-        iperf = subprocess.Popen(["ip", "netns", "exec", pa, "iperf3", "-s"], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
+        netns.add_veth(node, ps, s_ep.interface, s_ep.ips)
+        netns.add_veth(node, pc, c_ep.interface, c_ep.ips)
+        netns.start_server(ps, tcp_ports=(conn_port, w.DENIED_PORT))
+        iperf = subprocess.Popen(["ip", "netns", "exec", ps, "iperf3", "-s", "-p", str(iperf_port)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
         Dataplane(netns=node, backend=backend).apply(d)
+        allowed = netns.probe(pc, s_ip, conn_port, "TCP", 2.0)
+        denied = netns.probe(pc, s_ip, w.DENIED_PORT, "TCP", 1.0)
+        if not allowed or denied:
+            raise SystemExit(f"ruleset not in force as expected: allowed={allowed} denied_port_open={denied}")
         current = "rules"
 
         def switch(mode: str) -> None:
             nonlocal current
-            lines = {"none": [f"-D FORWARD {BYPASS}"], "rules_ct_first": [f"-D pa-FORWARD {CT_FIRST}"]}.get(current, [])
-            lines += {"none": [f"-I FORWARD 1 {BYPASS}"], "rules_ct_first": [f"-I pa-FORWARD 1 {CT_FIRST}"]}.get(mode, [])
+            lines = [f"-D FORWARD {x}" for x in MODE_RULES[current]]
+            lines += [f"-I FORWARD {i + 1} {x}" for i, x in enumerate(MODE_RULES[mode])]
             if lines:
                 netns.run(node, restore, "--noflush", input="*filter\n" + "\n".join(lines) + "\nCOMMIT\n")
             current = mode
 
         for r in range(rounds):
-            for mode in modes[r % 3:] + modes[: r % 3]:  # rotate the order every round
+            for mode in MODES[r % 3:] + MODES[: r % 3]:
                 switch(mode)
-                out = netns.run(pb, "iperf3", "-c", a.ips[0], "-t", str(seconds), "-J", timeout=60).stdout
+                out = netns.run(pc, "iperf3", "-c", s_ip, "-p", str(iperf_port), "-t", str(seconds), "-J",
+                                timeout=60).stdout
                 res[f"tput_{mode}"].append(json.loads(out)["end"]["sum_received"]["bits_per_second"])
-                cps = netns.run(pb, sys.executable, "-c", CONN_CLIENT, a.ips[0], "80", str(seconds), timeout=60).stdout
+                cps = netns.run(pc, sys.executable, "-c", CONN_CLIENT, s_ip, str(conn_port), str(conns), "30",
+                                timeout=60).stdout
                 res[f"cps_{mode}"].append(float(cps))
-        iperf.terminate()
-        iperf.wait(10)
+        switch("rules")
     finally:
+        if iperf is not None:
+            iperf.terminate()
+            iperf.wait(10)
         for ns in reversed(made):
             netns.delete(ns)
-    med = {k: statistics.median(v) for k, v in res.items()}
+
+    def paired(k: str, a: str, b: str) -> float:
+        return round(statistics.median(x / y for x, y in zip(res[f"{k}_{a}"], res[f"{k}_{b}"])), 3)
+
     return {
-        "tcp_gbit": {m: round(med[f"tput_{m}"] / 1e9, 2) for m in modes},
-        "tcp_ratio": round(med["tput_rules"] / med["tput_none"], 3),
-        "conn_per_s": {m: round(med[f"cps_{m}"]) for m in modes},
-        "conn_ratio": round(med["cps_rules"] / med["cps_none"], 3),
-        "conn_ratio_ct_first": round(med["cps_rules_ct_first"] / med["cps_none"], 3),
-        # ratio within each round (same load), then the median: less sensitive to load drift
-        "paired_median_ratio": {f"{k}_{m}": round(statistics.median(
-            x / y for x, y in zip(res[f"{k}_{m}"], res[f"{k}_none"])), 3)
-            for k in ("tput", "cps") for m in ("rules", "rules_ct_first")},
-        "rounds": rounds, "seconds": seconds, "raw": res,
+        "tcp_gbit_median": {m: round(statistics.median(res[f"tput_{m}"]) / 1e9, 2) for m in MODES},
+        "conn_per_s_median": {m: round(statistics.median(res[f"cps_{m}"])) for m in MODES},
+        "paired_ratio": {f"{k}_{a}_over_{b}": paired(k, a, b) for k in ("tput", "cps")
+                         for a, b in (("rules", "ct_only"), ("rules", "none"), ("ct_only", "none"))},
+        "rounds": rounds, "seconds": seconds, "conns": conns,
+        "pair": {"server": server.ref, "client": client.ref, "iperf_port": iperf_port, "conn_port": conn_port},
+        "raw": res,
     }
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pods", type=int, default=10_000)
     ap.add_argument("--backend", choices=("nft", "legacy"), default="nft")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="from-empty rounds")
+    ap.add_argument("--delta-rounds", type=int, default=7)
     ap.add_argument("--no-packets", action="store_true", help="skip the per-packet measurements")
-    ap.add_argument("--packet-rounds", type=int, default=7, help="alternating rounds per mode")
-    ap.add_argument("--seconds", type=float, default=2.0, help="length of one throughput / conn/s sample")
+    ap.add_argument("--packets-only", action="store_true", help="only the per-packet measurements")
+    ap.add_argument("--no-fresh-process", action="store_true", help="skip the fresh-process first apply")
+    ap.add_argument("--packet-rounds", type=int, default=11, help="alternating rounds per mode")
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of one throughput sample")
+    ap.add_argument("--conns", type=int, default=2000, help="TCP connects per connection-rate sample")
+    ap.add_argument("--json", default="")
     args = ap.parse_args()
     logs.configure("console", "warning", stream=sys.stderr)
+    result: dict = {"machine": machine(), "backend": args.backend}
     t0 = time.perf_counter()
-    pods, policies = w.pods(), w.policies()
-    d = s.build(pods, policies)
-    result = {"backend": args.backend, "build_desired_s": round(time.perf_counter() - t0, 2),
-              "chains": sum(len(c) for c in d.chains.values()), "ipsets": len(d.ipsets),
-              "ipset_members": sum(len(x.members) for x in d.ipsets.values())}
-    result["from_empty"] = from_empty(args.backend, d, args.rounds)
-    ns = netns.unique_name("dpbench", "delta")
-    try:
-        netns.create(ns)
-        dp = Dataplane(netns=ns, backend=args.backend)
-        dp.apply(d, allow_sweep=True)
-        result["deltas"] = deltas(dp, d, pods, policies, max(args.rounds, 5))
-        t0 = time.perf_counter()
-        rep = Dataplane(netns=ns, backend=args.backend).apply(d)
-        result["restart_same_state"] = {"apply_s": round(time.perf_counter() - t0, 3), "lines": rep.lines_written}
-    finally:
-        netns.delete(ns)
+    namespaces, pods, pols = w.cluster(args.pods)
+    c = Compiler(NodeConfig(w.NODE)).load(w.snapshot(namespaces, pods, pols))
+    d = c.desired()
+    result["workload"] = {"pods": len(pods), "policies": len(pols), "namespaces": len(namespaces),
+                          "local_pods": len(d.endpoints), "compile_s": round(time.perf_counter() - t0, 2),
+                          "chains": sum(len(t) for t in d.chains.values()),
+                          "rules": sum(len(ch.rules) for t in d.chains.values() for ch in t.values()),
+                          "ipsets": len(d.ipsets), "ipset_members": sum(len(x.members) for x in d.ipsets.values())}
+    if not args.packets_only:
+        result["from_empty"] = from_empty(args.backend, d, args.rounds)
+        if not args.no_fresh_process:
+            result["first_apply_fresh_process"] = fresh_process(args.backend, d, args.rounds)
+        ns = netns.unique_name(AREA, "delta")
+        try:
+            netns.create(ns)
+            dp = Dataplane(netns=ns, backend=args.backend)
+            dp.apply(d, allow_sweep=True)
+            result["deltas"] = deltas(dp, c, pods, args.delta_rounds)
+            t0 = time.perf_counter()
+            rep = Dataplane(netns=ns, backend=args.backend).apply(c.desired())
+            result["restart_same_state"] = {"apply_s": round(time.perf_counter() - t0, 3), "lines": rep.lines_written}
+        finally:
+            netns.delete(ns)
     if not args.no_packets:
-        result["per_packet"] = per_packet(args.backend, d, args.packet_rounds, args.seconds)
-    print(json.dumps(result, indent=1))
+        result["per_packet"] = per_packet(args.backend, d, pods, args.packet_rounds, args.seconds, args.conns)
+    result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
     return 0
 
 

@@ -1,9 +1,9 @@
-"""Where the node's ENIs and addresses come from. A static file now; EC2 later.
+"""Where the node's ENIs and addresses come from: a static file here, EC2 in ec2.py.
 
 The pool asks a provider to attach ENIs and to assign or release secondary
 addresses; it passes in what it already holds, so a provider need keep no state
-of its own (the checkpoint is the pool's). An EC2 provider would implement the
-same three calls with AttachNetworkInterface / AssignPrivateIpAddresses /
+of its own (the checkpoint is the pool's). The EC2 provider (ec2.py) implements
+the same calls with Create/AttachNetworkInterface, AssignPrivateIpAddresses and
 UnassignPrivateIpAddresses.
 """
 
@@ -16,7 +16,7 @@ from typing import Collection, Protocol
 
 import structlog
 
-from cni_shim.ipam.limits import ENI_LIMITS, max_pods
+from cni_shim.ipam.limits import ENI_LIMITS, IPS_PER_PREFIX, max_pods, max_pods_prefix
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +37,9 @@ class EniInfo:
     device: int
     primary_ip: str
     table: int
+    # Known to the EC2 provider (for the secondary-ENI plumbing); "" from the pool file.
+    mac: str = ""
+    subnet_cidr: str = ""
 
     @property
     def is_primary(self) -> bool:
@@ -48,14 +51,19 @@ class Limits:
     instance_type: str
     max_enis: int
     ips_per_eni: int  # including the ENI's own primary address
+    prefix_delegation: bool = False  # each secondary-IP slot holds a /28 (16 pod addresses)
+    vcpus: int = 0  # for the prefix-mode max-pods cap; 0 = unknown
 
     @property
     def max_pods(self) -> int:
+        if self.prefix_delegation:
+            return max_pods_prefix(self.max_enis, self.ips_per_eni, self.vcpus)
         return max_pods(self.max_enis, self.ips_per_eni)
 
     @property
     def slots_per_eni(self) -> int:
-        return self.ips_per_eni - 1
+        """Pod addresses one ENI can hold."""
+        return (self.ips_per_eni - 1) * (IPS_PER_PREFIX if self.prefix_delegation else 1)
 
 
 class Provider(Protocol):
@@ -67,8 +75,11 @@ class Provider(Protocol):
     def assign_ips(self, eni_id: str, have: Collection[str], count: int) -> list[Slot]:
         """Assign up to ``count`` more addresses on the ENI (``have``: IPv4s it holds already)."""
 
-    def release_ips(self, eni_id: str, ipv4s: Collection[str]) -> None:
-        """Give addresses back."""
+    def release_ips(self, eni_id: str, slots: Collection[Slot]) -> None:
+        """Give addresses back (in prefix mode: whole /28s, all 16 slots of each)."""
+
+    def release_eni(self, eni_id: str) -> bool:
+        """Detach and delete a secondary ENI the pool no longer needs; False if the provider cannot."""
 
     def eni(self, eni_id: str) -> EniInfo | None:
         """What the provider knows about an ENI the pool holds."""
@@ -79,6 +90,14 @@ class Provider(Protocol):
 
 class PoolFileError(ValueError):
     pass
+
+
+class ProviderUnavailable(Exception):
+    """The provider cannot give addresses right now (EC2 throttling, outage): try again later."""
+
+
+class SubnetExhausted(ProviderUnavailable):
+    """The subnet (or the ENI) has no free address; the message names the subnet."""
 
 
 class StaticProvider:
@@ -204,8 +223,11 @@ class StaticProvider:
                 out.append(s)
         return out
 
-    def release_ips(self, eni_id: str, ipv4s: Collection[str]) -> None:
+    def release_ips(self, eni_id: str, slots: Collection[Slot]) -> None:
         return None  # the file is the inventory; nothing to give back
+
+    def release_eni(self, eni_id: str) -> bool:
+        return False  # the file's ENIs stay attached
 
     def eni(self, eni_id: str) -> EniInfo | None:
         return self._by_id.get(eni_id)

@@ -1,8 +1,20 @@
-"""`policy-agent explain`: why a flow is allowed or denied on a node, from YAML input.
+"""`policy-agent explain`: why a flow is allowed or denied on a node.
 
-Reads Kubernetes YAML like `render`, compiles the desired state for --node and
-walks one NEW packet through it, printing the verdict, a two-sentence summary
-and the trace of rules hit. Exit status: 0 allowed, 1 denied, 2 bad input.
+With files: reads Kubernetes YAML like `render`, compiles the desired state for
+--node and walks one NEW packet through it, printing the verdict, a two-sentence
+summary and the trace of rules hit.
+
+Without files (live, on the node): asks the agent running here (its root-only
+Unix socket, as `status`; give --netns as the agent has it). The agent answers
+from the state it last applied AND the kernel now: the kernel's verdict, the
+trace with each rule's live packet/byte counters, and drift between the kernel
+and its desired state for every chain and set on the path. With no agent
+answering, the kernel alone answers (our chains, sets and the dataplane state
+file), marked "agent not running: answered from the kernel alone"; then --from
+and --to name local pods (NS/POD) or addresses.
+
+Exit status: 0 allowed, 1 denied, 2 bad input, 3 no answer (no agent, and the
+kernel could not be read).
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from pathlib import Path
 
 import structlog
 
+from policy_agent import config as config_mod
 from policy_agent.model import ClusterSnapshot, ModelError, load_yaml, load_yaml_keep_going
 
 log = structlog.get_logger(__name__)
@@ -27,7 +40,7 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--node", required=True, help="node whose ruleset is evaluated")
+    p.add_argument("--node", default=None, help="node whose ruleset is evaluated (with files; required there)")
     p.add_argument("--from", dest="src", required=True, metavar="NS/POD|IP|node", help="source")
     p.add_argument("--to", dest="dst", required=True, metavar="NS/POD|IP|node", help="destination")
     p.add_argument("--port", type=int, default=None, help="destination port")
@@ -45,7 +58,12 @@ def register(subparsers) -> None:
     p.add_argument("--iface-prefix", default=None, help="host veth prefix (default: eni)")
     p.add_argument("--keep-going", action="store_true", help="skip invalid objects instead of failing")
     p.add_argument("--ignore-unknown", action="store_true", help="skip kinds other than Namespace, Pod, NetworkPolicy")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="YAML/JSON files or directories")
+    p.add_argument("--json", action="store_true", help="live: print the agent's JSON answer")
+    p.add_argument("--timeout", type=float, default=10.0, help="live: seconds to wait for the agent")
+    p.add_argument("--kernel-only", action="store_true", help="live: do not ask the agent, read the kernel alone")
+    config_mod.add_arguments(p, only=("netns", "status_socket", "iptables_backend", "state_file", "ipv6"))
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="YAML/JSON files or directories; none: ask the agent on this node (live)")
     p.set_defaults(func=run)
 
 
@@ -93,6 +111,11 @@ def run(args, out=None, err=None) -> int:
     from policy_agent.compiler.options import NodeConfig
     from policy_agent.explain import ExplainError, explain_flow
 
+    if not args.paths:
+        return run_live(args, out, err)
+    if not args.node:
+        print("error: --node is required with files (without files the agent on this node answers)", file=err)
+        return 2
     snapshot = load_snapshot(args.paths, args.keep_going, args.ignore_unknown, err)
     if snapshot is None:
         return 2
@@ -107,3 +130,83 @@ def run(args, out=None, err=None) -> int:
         return 2
     out.write(result.render())
     return 0 if result.allowed else 1
+
+
+def _ask_agent(target: str, params: list[tuple[str, str]], timeout: float) -> tuple[int, dict] | None:
+    """The agent's /explain answer, or None when no agent answers on ``target``."""
+    import json
+    from urllib.parse import urlencode
+
+    from policy_agent.obs.server import get
+
+    try:
+        code, body = get(target, "/explain?" + urlencode(params), timeout)
+    except OSError as exc:
+        log.debug("explain_agent_unreachable", target=target, error=str(exc))
+        return None
+    try:
+        return code, json.loads(body.decode())
+    except ValueError:
+        # An agent from before /explain answers 404 in text: treat it as not answering.
+        log.warning("explain_agent_answer_unreadable", target=target, status=code)
+        return None
+
+
+def run_live(args, out, err) -> int:
+    import json
+
+    from policy_agent.explain import ExplainError
+    from policy_agent.live_explain import FlowQuery, answer, read_kernel, render_text
+
+    try:
+        cfg = config_mod.from_args(args, require_node=False)
+        query = FlowQuery(args.src, args.dst, args.protocol, args.port, args.family, tuple(args.node_ip))
+    except (config_mod.ConfigError, ExplainError) as exc:
+        print(f"error: {exc}", file=err)
+        return 2
+    from policy_agent.obs.server import status_socket_path
+
+    doc = None
+    if not args.kernel_only:
+        try:
+            target = status_socket_path(cfg.status_socket, cfg.netns)
+        except ValueError as exc:
+            print(f"error: {exc}", file=err)
+            return 2
+        params = [("from", query.src), ("to", query.dst), ("protocol", query.protocol)]
+        params += [("port", str(query.port))] if query.port is not None else []
+        params += [("family", str(query.family))] if query.family else []
+        params += [("node_ip", a) for a in query.node_ips]
+        got = _ask_agent(target, params, args.timeout)
+        if got is not None:
+            code, body = got
+            if code != 200 or "answers" not in body:
+                print(f"error: the agent at {target} answered {code}: {body.get('error', body)}", file=err)
+                return 2 if code == 400 else 3
+            doc = body["answers"][0]
+            if "error" in doc:
+                print(f"error: {doc['error']}", file=err)
+                return 2
+    if doc is None:
+        from policy_agent.dataplane.apply import default_state_path
+        from policy_agent.dataplane.backend import detect_backend
+        from policy_agent.dataplane.kernel import SystemKernel
+        from policy_agent.dataplane.runner import CommandError, Runner
+
+        runner = Runner(cfg.netns or None)
+        try:
+            kernel = SystemKernel(runner, detect_backend(runner, cfg.iptables_backend))
+            view = read_kernel(kernel, (4, 6) if cfg.ipv6 else (4,),
+                               cfg.state_file or default_state_path(cfg.netns or None))
+        except (CommandError, OSError, ValueError) as exc:
+            print(f"error: no agent answered and the kernel could not be read: {exc}", file=err)
+            return 3
+        doc = answer(view, [query])["answers"][0]
+        if "error" in doc:
+            print(f"error: {doc['error']} (answered from the kernel alone: no agent running)", file=err)
+            return 2
+    if args.json:
+        out.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    else:
+        out.write(render_text(doc))
+    return 0 if doc["allowed"] else 1

@@ -1,6 +1,6 @@
 """`policy-agent lab`: a local cluster in network namespaces (see policy_agent/lab/lab.py).
 
-  lab up --spec FILE [--name NAME] [--no-agent]
+  lab up --spec FILE [--name NAME] [--no-agent] [--provider static|ec2]
   lab apply -f FILE... / lab delete -f FILE...
   lab probe [--port P] [--protocol TCP|UDP] [--from NS/POD] [--to NS/POD|IP] [--json]
   lab status [--json]
@@ -33,6 +33,9 @@ def register(sub) -> None:
                          "spec.nodeName names another node than lab-NAME is a remote peer")
     up.add_argument("--no-agent", action="store_true", help="do not start the agent (everything stays open)")
     up.add_argument("--apiserver", action="store_true", help="watch a real kube-apiserver inside the lab")
+    up.add_argument("--provider", choices=("static", "ec2"), default="static",
+                    help="where vpcip-ipamd gets ENIs and addresses: a pool file (static) or an EC2 EMULATOR "
+                         "(moto + IMDSv2 in the node netns; never AWS; needs the test extra)")
     up.add_argument("--timeout", type=float, default=180.0)
     up.set_defaults(func=cmd_up)
 
@@ -85,7 +88,8 @@ def cmd_up(args) -> int:
     try:
         docs = L.load_docs([args.spec])
         lab = L.Lab(args.name)
-        lab.up(docs, agent=not args.no_agent, timeout=args.timeout, apiserver=args.apiserver)
+        lab.up(docs, agent=not args.no_agent, timeout=args.timeout, apiserver=args.apiserver,
+               provider=args.provider)
     except L.LabError as exc:
         return _fail(str(exc))
     st = lab.status()

@@ -8,7 +8,8 @@ Exit status: 0 rendered; 2 an object (or file) is invalid and nothing was
 rendered (the message names file, object and field); with --keep-going the
 valid objects are rendered anyway, every error is listed on stderr and the
 status is 1 (a partial render is output, not a usage error). Kinds other than
-Namespace, Pod and NetworkPolicy (Deployments, Services, ...) are skipped.
+Namespace, Pod, NetworkPolicy, ClusterNetworkPolicy and Node (Deployments,
+Services, ...) are skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Iterable
 import structlog
 
 from policy_agent.compiler import compile
-from policy_agent.compiler.options import DEFAULT_MARK_MASK, NodeConfig
+from policy_agent.compiler.options import DEFAULT_MARK_MASK, ENDPOINT_TO_HOST_ACTIONS, FlowLogOptions, NodeConfig
 from policy_agent.desired import DesiredState, render_ipset_restore, render_iptables_save
 from policy_agent.model.parse import load_yaml, load_yaml_keep_going
 from policy_agent.model.types import ClusterSnapshot, ModelError, Pod
@@ -45,8 +46,11 @@ def register(subparsers) -> None:
     p.add_argument("--keep-going", action="store_true", help="render the valid objects despite invalid ones (exit 1)")
     p.add_argument("--mark-mask", type=lambda s: int(s, 0), default=DEFAULT_MARK_MASK, help="mark bits we may use")
     p.add_argument("--deny-action", choices=("DROP", "REJECT"), default="DROP")
-    p.add_argument("--endpoint-to-host-action", choices=("ACCEPT", "DROP"), default="ACCEPT")
+    p.add_argument("--endpoint-to-host-action", choices=ENDPOINT_TO_HOST_ACTIONS, default="RETURN")
     p.add_argument("--no-ipv6", action="store_true", help="render IPv4 only")
+    p.add_argument("--flow-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="NFLOG rules for denied new connections, as the agent writes them by default")
+    p.add_argument("--flow-log-allowed", action="store_true", help="NFLOG rules for allowed new connections too")
     p.set_defaults(func=run)
 
 
@@ -98,7 +102,12 @@ def render_text(state: DesiredState, node: NodeConfig, snapshot: ClusterSnapshot
     out = [
         f"# policy-agent render: node {node.node_name}, iface prefix {node.iface_prefix}, "
         f"{len(snapshot.namespaces)} namespaces, {len(snapshot.pods)} pods ({local} on this node), "
-        f"{len(snapshot.policies)} network policies",
+        f"{len(snapshot.policies)} network policies"
+        + (
+            f", {len(snapshot.cluster_policies)} cluster network policies, {len(snapshot.nodes)} nodes"
+            if snapshot.cluster_policies or snapshot.nodes
+            else ""
+        ),
         "",
         "# ==== local endpoints ====",
     ]
@@ -107,6 +116,15 @@ def render_text(state: DesiredState, node: NodeConfig, snapshot: ClusterSnapshot
             f"# {ep.namespace}/{ep.pod} {ep.interface} ips={','.join(ep.ips) or '-'} "
             f"ingress={','.join(ep.ingress_policies) or '-'} egress={','.join(ep.egress_policies) or '-'}"
         )
+    if snapshot.cluster_policies:
+        # Evaluation order of the tiers around NetworkPolicy (admin first, baseline last).
+        out += ["", "# ==== cluster network policies (evaluation order) ===="]
+        for c in sorted(snapshot.cluster_policies.values(), key=lambda c: (c.tier.value != "Admin", c.priority, c.name)):
+            out.append(
+                f"# {c.tier.value.lower()} tier priority {c.priority} {c.name}: subject namespaces "
+                f"{c.subject_namespaces.canonical()} pods {c.subject_pods.canonical()}, "
+                f"{len(c.ingress)} ingress rules, {len(c.egress)} egress rules"
+            )
     families = [4, 6] if node.ipv6 else [4]
     for family in families:
         out += ["", f"# ==== {'iptables' if family == 4 else 'ip6tables'} (IPv{family}) ===="]
@@ -127,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
             deny_action=args.deny_action,
             endpoint_to_host_action=args.endpoint_to_host_action,
             ipv6=not args.no_ipv6,
+            flow_log=FlowLogOptions(deny=args.flow_log, allow=args.flow_log_allowed)
+            if (args.flow_log or args.flow_log_allowed) else None,
         )
     except ValueError as exc:
         print(f"policy-agent render: {exc}", file=sys.stderr)

@@ -1,5 +1,9 @@
 """`policy-agent status`: ask the running agent (its /status endpoint) how it is doing.
 
+By default it reads the agent's root-only Unix socket (setting status_socket; the
+default path depends on netns, so give --netns as the agent has it). --url reads
+/status over TCP instead, which the agent serves only with status_over_tcp.
+
 Exit status: 0 ready, 1 running but not ready, 3 agent unreachable.
 """
 
@@ -18,9 +22,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("status", help="show the running agent's status", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print the raw JSON")
-    p.add_argument("--url", default=None, help="agent base URL (default: from metrics_bind/metrics_port)")
+    p.add_argument("--url", default=None,
+                   help="agent base URL, e.g. http://127.0.0.1:9909 (needs status_over_tcp on the agent); "
+                        "default: the agent's Unix socket")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the agent")
-    config_mod.add_arguments(p, only=("metrics_bind", "metrics_port"))
+    config_mod.add_arguments(p, only=("status_socket", "netns"))
     p.set_defaults(func=main)
 
 
@@ -28,13 +34,22 @@ def _age(seconds: Any) -> str:
     return "never" if seconds is None else f"{seconds:.1f}s ago"
 
 
+def _source_line(name: str, v: dict[str, Any]) -> str:
+    line = f"\n  {name}: {'in sync' if v['in_sync'] else 'NOT in sync'} (syncs: {v['syncs']})"
+    if not v.get("gates_sync", True):
+        line += ", not needed to apply"
+    health = v.get("health")
+    if health and not health.get("healthy", True):
+        line += f", UNHEALTHY: {health.get('state')}: {health.get('detail')}"
+    return line
+
+
 def render(s: dict[str, Any]) -> str:
     lines = [
         f"node:          {s['node']}",
         f"ready:         {'yes' if s['ready'] else 'no'}",
         f"in sync:       {'yes' if s['in_sync'] else 'no'}"
-        + "".join(f"\n  {name}: {'in sync' if v['in_sync'] else 'NOT in sync'} (syncs: {v['syncs']})"
-                  for name, v in s["sources"].items()),
+        + "".join(_source_line(name, v) for name, v in s["sources"].items()),
     ]
     if s.get("unready_reason"):
         lines.append(f"unready:       {s['unready_reason']}")
@@ -64,22 +79,21 @@ def render(s: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from policy_agent.obs.server import fetch_status
+    from policy_agent.obs.server import fetch_status, status_socket_path
 
-    url = args.url
-    if not url:
+    target = args.url
+    if not target:
         try:
             cfg = config_mod.from_args(args, require_node=False)
-        except config_mod.ConfigError as exc:
+            target = status_socket_path(cfg.status_socket, cfg.netns)
+        except (config_mod.ConfigError, ValueError) as exc:
             print(f"policy-agent status: {exc}", file=sys.stderr)
             return 2
-        host = cfg.metrics_bind
-        host = "127.0.0.1" if host == "0.0.0.0" else ("::1" if host == "::" else host)
-        url = f"http://[{host}]:{cfg.metrics_port}" if ":" in host else f"http://{host}:{cfg.metrics_port}"
     try:
-        s = fetch_status(url, timeout=args.timeout)
+        s = fetch_status(target, timeout=args.timeout)
     except (OSError, ValueError) as exc:
-        print(f"policy-agent status: cannot reach the agent at {url}: {exc}", file=sys.stderr)
+        hint = "" if args.url else " (as root on the node, or inside the agent's pod; --url for TCP)"
+        print(f"policy-agent status: cannot reach the agent at {target}: {exc}{hint}", file=sys.stderr)
         return 3
     print(json.dumps(s, indent=2, sort_keys=True) if args.json else render(s))
     return 0 if s.get("ready") else 1

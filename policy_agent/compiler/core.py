@@ -19,7 +19,7 @@ event therefore changes ipset members and nothing else.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import structlog
@@ -30,7 +30,10 @@ from policy_agent.compiler.scopes import ScopeDef, eligible, selector_matches
 from policy_agent.desired import FILTER, Chain, DesiredState, Hook, IPSet, LocalEndpoint
 from policy_agent.model.types import (
     NAMESPACE_NAME_LABEL,
+    ClusterNetworkPolicy,
     ClusterSnapshot,
+    CNPTier,
+    Node,
     Labels,
     Namespace,
     NetworkPolicy,
@@ -87,6 +90,16 @@ class Compiler:
         self._endpoints: tuple[LocalEndpoint, ...] = ()
         self._pol_cache: dict[tuple[str, int, str], ch.Built] = {}  # (ref, family, direction)
         self._tables = {f: _FamilyTable(self._static[f], f) for f in self.families}
+        # ClusterNetworkPolicy tiers (docs/decisions/cluster-network-policy.md): cluster-wide,
+        # few, so selection is a scan of the CNPs per local endpoint event, and of the
+        # local endpoints per CNP event.
+        self.cluster_policies: dict[str, ClusterNetworkPolicy] = {}
+        self.nodes: dict[str, Node] = {}
+        self._cnp_selected: dict[str, set[PodKey]] = {}
+        self._ep_cnps: dict[PodKey, set[str]] = {}
+        self._cnp_scopes: dict[str, set[ScopeDef]] = {}
+        self._cnp_cache: dict[tuple[str, int, str], ch.Built] = {}  # (name, family, direction)
+        self._cnp_helpers = ch.Built(chains=ch.cnp_helper_chains(node))
 
     # --- loading ----------------------------------------------------------------
 
@@ -98,6 +111,10 @@ class Compiler:
             self.upsert_pod(snapshot.pods[key])
         for key in sorted(snapshot.policies):
             self.upsert_policy(snapshot.policies[key])
+        for name in sorted(snapshot.nodes):
+            self.upsert_node(snapshot.nodes[name])
+        for name in sorted(snapshot.cluster_policies):
+            self.upsert_cluster_policy(snapshot.cluster_policies[name])
         return self
 
     # --- namespaces ---------------------------------------------------------------
@@ -117,11 +134,13 @@ class Compiler:
         self._ns_plain[ns.name] = dict(ns.labels.items_tuple())
         if old is None or old.labels != ns.labels:
             self._refresh_ns(ns.name)
+            self._reselect_cnp_ns(ns.name)
 
     def delete_namespace(self, name: str) -> None:
         if self.namespaces.pop(name, None) is not None:
             del self._ns_plain[name]
             self._refresh_ns(name)
+            self._reselect_cnp_ns(name)
 
     def _refresh_ns(self, name: str) -> None:
         """Re-test every namespace-selector scope against this namespace's labels."""
@@ -225,6 +244,7 @@ class Compiler:
             self._ep_policies[key] = sel
         else:
             self._ep_policies.pop(key, None)
+        self._reselect_cnp(key)
 
     # --- policies ---------------------------------------------------------------------
 
@@ -279,18 +299,149 @@ class Compiler:
     def _activate(self, key: PolicyKey) -> None:
         defs = ch.policy_scopes(self.policies[key])
         self._pol_scopes[key] = defs
+        self._ref_scopes(defs)
+
+    def _deactivate(self, key: PolicyKey) -> None:
+        self._unref_scopes(self._pol_scopes.pop(key, set()))
+
+    def _ref_scopes(self, defs: set[ScopeDef]) -> None:
         for d in defs:
             st = self._scopes.get(d)
             if st is None:
                 st = self._create_scope(d)
             st.refs += 1
 
-    def _deactivate(self, key: PolicyKey) -> None:
-        for d in self._pol_scopes.pop(key, set()):
+    def _unref_scopes(self, defs: set[ScopeDef]) -> None:
+        for d in defs:
             st = self._scopes[d]
             st.refs -= 1
             if st.refs == 0:
                 self._drop_scope(st)
+
+    # --- cluster network policies and nodes ------------------------------------------
+
+    def _cnp_selects(self, cnp: ClusterNetworkPolicy, key: PodKey) -> bool:
+        return selector_matches(cnp.subject_namespaces, self._ns_labels(key[0])) and selector_matches(
+            cnp.subject_pods, self._pod_labels[key]
+        )
+
+    def _reselect_cnp(self, key: PodKey) -> None:
+        """Which CNPs select this endpoint (none once it is no longer local)."""
+        if not self.cluster_policies and key not in self._ep_cnps:
+            return
+        if key in self._local:
+            sel = {n for n, c in self.cluster_policies.items() if self._cnp_selects(c, key)}
+        else:
+            sel = set()
+        old = self._ep_cnps.get(key, set())
+        if sel == old:
+            return
+        self._ep_dirty.add(key)
+        for n in old - sel:
+            selected = self._cnp_selected[n]
+            selected.discard(key)
+            if not selected:
+                self._cnp_deactivate(n)
+        for n in sel - old:
+            selected = self._cnp_selected[n]
+            selected.add(key)
+            if len(selected) == 1:
+                self._cnp_activate(n)
+        if sel:
+            self._ep_cnps[key] = sel
+        else:
+            self._ep_cnps.pop(key, None)
+
+    def _reselect_cnp_ns(self, name: str) -> None:
+        if self.cluster_policies:
+            for key in list(self._local_by_ns.get(name, ())):
+                self._reselect_cnp(key)
+
+    def upsert_cluster_policy(self, cnp: ClusterNetworkPolicy) -> None:
+        old = self.cluster_policies.get(cnp.name)
+        if old == cnp:
+            return
+        if old is not None:
+            self._unlink_cnp(cnp.name)
+        self.cluster_policies[cnp.name] = cnp
+        selected = {k for k in self._local if self._cnp_selects(cnp, k)}
+        self._cnp_selected[cnp.name] = selected
+        for k in selected:
+            self._ep_cnps.setdefault(k, set()).add(cnp.name)
+        self._ep_dirty |= selected
+        if selected:
+            self._cnp_activate(cnp.name)
+
+    def delete_cluster_policy(self, name: str) -> None:
+        if name not in self.cluster_policies:
+            return
+        self._unlink_cnp(name)
+        del self.cluster_policies[name]
+
+    def _unlink_cnp(self, name: str) -> None:
+        for k in self._cnp_selected.pop(name, set()):
+            self._ep_dirty.add(k)
+            names = self._ep_cnps[k]
+            names.discard(name)
+            if not names:
+                del self._ep_cnps[k]
+        if name in self._cnp_scopes:
+            self._cnp_deactivate(name)
+        self._drop_cnp_chains(name, ch.DIRECTIONS)
+
+    def _drop_cnp_chains(self, name: str, directions) -> None:
+        for family in (4, 6):
+            for direction in directions:
+                self._cnp_cache.pop((name, family, direction), None)
+                if family in self._tables:
+                    self._tables[family].dirty.add(("cnp", name, direction))
+
+    def _cnp_activate(self, name: str) -> None:
+        defs = ch.cnp_scopes(self.cluster_policies[name])
+        self._cnp_scopes[name] = defs
+        self._ref_scopes(defs)
+
+    def _cnp_deactivate(self, name: str) -> None:
+        self._unref_scopes(self._cnp_scopes.pop(name, set()))
+
+    def upsert_node(self, node: Node) -> None:
+        old = self.nodes.get(node.name)
+        self.nodes[node.name] = node
+        if old is None or old.labels != node.labels or old.addresses != node.addresses:
+            self._nodes_changed()
+
+    def delete_node(self, name: str) -> None:
+        if self.nodes.pop(name, None) is not None:
+            self._nodes_changed()
+
+    def _nodes_changed(self) -> None:
+        """Node address sets live in the chains' Built: rebuild the CNP chains with node peers."""
+        for name, cnp in self.cluster_policies.items():
+            if ch.cnp_has_node_peers(cnp):
+                self._drop_cnp_chains(name, ("egress",))
+
+    def _cnp_built(self, name: str, family: int, direction: str) -> ch.Built:
+        ck = (name, family, direction)
+        built = self._cnp_cache.get(ck)
+        if built is None:
+            built = ch.cnp_chain(self.node, family, self.cluster_policies[name], direction, self.nodes.values())
+            self._cnp_cache[ck] = built
+        return built
+
+    def _cnp_lists(self, names: set[str]) -> dict[str, tuple[tuple[str, int], ...]]:
+        """EndpointView fields: per tier and direction, (name, priority) by priority then name.
+
+        Equal priorities: the API leaves the order to the implementation; we take the
+        name order, so the result is at least deterministic (as kube-network-policies).
+        """
+        lists: dict[str, list[tuple[int, str]]] = {}
+        for n in names:
+            cnp = self.cluster_policies[n]
+            tier = "admin" if cnp.tier is CNPTier.ADMIN else "baseline"
+            for direction in ch.DIRECTIONS:
+                if cnp.rules(direction):  # no rules in a direction: no effect on it
+                    lists.setdefault(f"{tier}_{direction}", []).append((cnp.priority, n))
+        return {k: tuple((n, p) for p, n in sorted(v)) for k, v in lists.items()}
 
     # --- scopes -----------------------------------------------------------------------
 
@@ -398,6 +549,8 @@ class Compiler:
                 ips = tuple(str(ip) for ip in pod.ips_of(family))
                 # no address in this family: not in its dispatch, so dropped as unknown
                 view = ch.EndpointView(key[0], key[1], iface, ips, ing, egr, 32 if family == 4 else 128) if ips else None
+                if view is not None and key in self._ep_cnps:
+                    view = replace(view, **self._cnp_lists(self._ep_cnps[key]))
                 self._set_ep_view(family, key, view)
         if self._ep_dirty:
             self._endpoints = tuple(self._ep_out[k] for k in sorted(self._ep_out))
@@ -429,14 +582,23 @@ class Compiler:
     def _sync_table(self, family: int) -> None:
         """Swap the contribution of every dirty owner (endpoint or policy chain)."""
         t = self._tables[family]
+        cnp_touched = False
         for owner in t.dirty:
             if owner[0] == "ep":
                 hit = self._ep_fam[family].get(owner[1])
                 t.put(owner, hit[1] if hit else None)
+            elif owner[0] == "cnp":
+                _, name, direction = owner
+                t.put(owner, self._cnp_built(name, family, direction) if owner in t.pol_refs else None)
+                cnp_touched = True
             else:
                 _, ref, direction = owner
                 t.put(owner, self._policy_built(ref, family, direction) if owner in t.pol_refs else None)
         t.dirty.clear()
+        if cnp_touched:
+            # pa-cnp-accept / pa-cnp-pass exist while some CNP chain is rendered
+            used = any(o[0] == "cnp" for o in t.pol_refs)
+            t.put(("cnp-helpers",), self._cnp_helpers if used else None)
         if t.ifaces_dirty:
             t.ifaces_dirty = False
             ifaces = tuple(sorted((v.iface, v.ref) for v, _ in self._ep_fam[family].values()))
@@ -470,7 +632,11 @@ class Compiler:
 
 
 def _policy_owners(view: ch.EndpointView) -> list[tuple[str, str, str]]:
-    return [("pol", r, "ingress") for r in view.ingress] + [("pol", r, "egress") for r in view.egress]
+    out = [("pol", r, "ingress") for r in view.ingress] + [("pol", r, "egress") for r in view.egress]
+    for tier in (CNPTier.ADMIN, CNPTier.BASELINE):
+        for direction in ch.DIRECTIONS:
+            out += [("cnp", n, direction) for n, _ in view.cnps(tier, direction)]
+    return out
 
 
 class _FamilyTable:

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from policy_agent.model.types import MATCH_ALL, IPBlock, LabelSelector, NetworkPolicy, Peer, Pod
+from policy_agent.model.types import (
+    MATCH_ALL,
+    ClusterNetworkPolicy,
+    CNPPeer,
+    IPBlock,
+    LabelSelector,
+    NetworkPolicy,
+    Peer,
+    Pod,
+)
 from policy_agent.shared.naming import ipset_name
 
 
@@ -54,6 +63,8 @@ class ScopeDef:
         else:
             where = f"in namespaces matching {(self.ns_selector or MATCH_ALL).canonical()}"
         text = f"pods matching {self.pod_selector.canonical()} {where}"
+        if self.named_port and self.named_port[0] == ANY_PROTOCOL:
+            return f"named port {self.named_port[1]} (any protocol) of {text}"
         if self.named_port:
             return f"named port {self.named_port[0]}/{self.named_port[1]} of {text}"
         return text
@@ -68,12 +79,16 @@ class ScopeDef:
         proto, name = self.named_port
         out = []
         for cp in pod.ports:
-            if cp.name == name and cp.protocol.lower == proto:
-                out += [(ip.version, f"{ip},{proto}:{cp.port}") for ip in pod.ips]
+            # ANY_PROTOCOL (ClusterNetworkPolicy destinationNamedPort): the entry carries
+            # the container port's own protocol, so the packet's must match it.
+            if cp.name == name and (cp.protocol.lower == proto or proto == ANY_PROTOCOL):
+                out += [(ip.version, f"{ip},{cp.protocol.lower}:{cp.port}") for ip in pod.ips]
         return tuple(out)
 
 
 ALL_PODS = ScopeDef(None, MATCH_ALL, MATCH_ALL)
+# named_port protocol of a ClusterNetworkPolicy destinationNamedPort (no protocol of its own)
+ANY_PROTOCOL = "any"
 
 
 def selector_matches(selector: LabelSelector, labels: dict[str, str]) -> bool:
@@ -98,6 +113,22 @@ def peer_scope(policy: NetworkPolicy, peer: Peer) -> ScopeDef | None:
     if peer.namespace_selector is None:
         return ScopeDef(policy.namespace, None, peer.pod_selector or MATCH_ALL)
     return ScopeDef(None, peer.namespace_selector, peer.pod_selector or MATCH_ALL)
+
+
+def cnp_peer_scope(peer: CNPPeer) -> ScopeDef | None:
+    """The pods a ClusterNetworkPolicy namespaces/pods peer stands for (None for the
+    other kinds). The same identity as a NetworkPolicy namespaceSelector peer with the
+    same selectors, so both share one set."""
+    if peer.kind == "namespaces":
+        return ScopeDef(None, peer.namespace_selector or MATCH_ALL, MATCH_ALL)
+    if peer.kind == "pods":
+        return ScopeDef(None, peer.namespace_selector or MATCH_ALL, peer.pod_selector or MATCH_ALL)
+    return None
+
+
+def cnp_subject_scope(cnp: ClusterNetworkPolicy) -> ScopeDef:
+    """The pods a ClusterNetworkPolicy applies to (as a scope: for ingress named ports)."""
+    return ScopeDef(None, cnp.subject_namespaces, cnp.subject_pods)
 
 
 def policy_scope(policy: NetworkPolicy) -> ScopeDef:

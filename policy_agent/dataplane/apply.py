@@ -22,12 +22,34 @@ Rules and theory
   write, and rewrites the ``dump`` metadata file only when endpoints or set
   origins changed. Without a remembered state (first apply, refresh, after a
   failure) every chain is compared with the kernel by hash.
+* From empty (docs/decisions/dataplane-performance.md): the ``ipset restore`` is
+  streamed set by set as the sets are planned, so the kernel works while we plan
+  the rest and the iptables tables; the read-back's three saves run side by side;
+  automatic garbage collection is paused for the apply (the first apply of a fresh
+  process ran full collections over the whole compiled state otherwise).
 * Never flush at start or exit: a new process with the same desired state
   finds every hash in place and writes nothing; a new desired state replaces
   chains atomically per table while the old rules keep enforcing.
 * Failures: a failed restore changed nothing in that table; the cache is
   dropped, the kernel re-read, the plan recomputed, and the write retried with
   exponential backoff. After ``retries`` attempts DataplaneError is raised.
+* Failure isolation (docs/decisions/dataplane-isolation.md): before a retry,
+  the refused batch is taken apart to find what the kernel refuses: the ipset
+  changes set by set (bisection over sets, then over a failing set's members
+  in a scratch set), a table's chain writes chain by chain (bisection within
+  each dependency layer, leaves first). A refused member is left out of its set
+  where that narrows (an allow set, the negated anti-spoofing set); a refused
+  ``nomatch``, or any refused member of a set a deny/pass rule matches, sets the
+  whole set aside. A set or chain the kernel refuses is *set aside*: the kernel
+  keeps its previous version (or it stays absent), and so does every chain that
+  references it, transitively, up to the endpoint and dispatch chains, which are
+  rewritten fail-closed instead: a jump to an absent set-aside NetworkPolicy chain
+  is left out (it allows nothing), one to another absent chain becomes a DROP, and
+  a goto to an absent endpoint chain is left out of dispatch (the interface hits
+  the "unknown interface" deny). Everything else is applied; the report lists what was set
+  aside (``set_aside``, ``degraded``). A set-aside object is retried when its
+  desired version changes and on every refresh. No failure: one ipset restore
+  and one iptables-restore per family, as before.
 * Sweep never wedges the apply: a stale chain that a surviving rule still
   jumps to (a foreign chain's rule, or a kept stale chain's) is kept as it is
   and logged once (``dataplane_stale_chain_kept``, with the referrers); it goes
@@ -44,12 +66,14 @@ Rules and theory
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Iterator, Sequence
 
 import structlog
 
@@ -58,8 +82,15 @@ from policy_agent.dataplane import ipsets as ips
 from policy_agent.dataplane.backend import detect_backend, other_backend
 from policy_agent.dataplane.kernel import Kernel, SystemKernel, legacy_available
 from policy_agent.dataplane.runner import CommandError, Runner
-from policy_agent.desired import Chain, DesiredState, IPSet
-from policy_agent.shared.naming import owns_chain
+from policy_agent.desired import Action, Chain, DesiredState, IPSet, Rule
+from policy_agent.shared.endpoint import atomic_write
+from policy_agent.shared.naming import (
+    CHAIN_FROM_WL_DISPATCH,
+    CHAIN_TO_WL_DISPATCH,
+    owns_chain,
+    owns_ipset,
+    temp_ipset_name,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -92,10 +123,19 @@ class ApplyReport:
     other_backend_cleaned: int = 0
     attempts: int = 1
     seconds: float = 0.0
+    # Everything the kernel refused and that stays set aside after this apply (the
+    # rest is applied): dicts with kind (chain|ipset|member), name, origin, error,
+    # and family/table/member where they apply. Non-empty means degraded.
+    set_aside: list[dict[str, Any]] = field(default_factory=list)
+    isolation_restores: int = 0  # restores run to find what the kernel refused
 
     @property
     def lines_written(self) -> int:
         return self.iptables_lines + self.ipset_lines
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.set_aside)
 
     @property
     def changed(self) -> bool:
@@ -110,7 +150,9 @@ class ApplyReport:
         """summary() with long name lists shortened to a count and a few examples."""
         out: dict[str, Any] = {}
         for k, v in self.summary().items():
-            if isinstance(v, (list, dict)) and len(v) > 8:
+            if k == "set_aside":
+                out[k] = len(v)  # logged one by one as dataplane_set_aside
+            elif isinstance(v, (list, dict)) and len(v) > 8:
                 out[k] = f"{len(v)}: {', '.join(list(v)[:5])}, ..."
             else:
                 out[k] = v
@@ -225,9 +267,129 @@ def _diff(prev: DesiredState, desired: DesiredState, refs: Counter) -> _Delta:
     return _Delta(prev, refs, chains, sets, meta)
 
 
-def _hooks(desired: DesiredState, family: int) -> tuple:
-    # Hooks apply to both families, but only where their target chain exists (IPv6 may be off).
-    return tuple(h for h in desired.hooks if h.target in desired.table(family, h.table))
+def _hooks(desired: DesiredState, family: int, kept: _Kept | None = None) -> tuple:
+    # Hooks apply to both families, but only where their target chain exists (IPv6 may be off),
+    # as desired or as a set-aside chain the kernel keeps.
+    k = kept or {}
+    return tuple(h for h in desired.hooks
+                 if h.target in desired.table(family, h.table) or h.target in k.get((family, h.table), ()))
+
+
+_Kept = dict  # (family, table) -> names of set-aside chains present in the kernel (kept as they are)
+CANARY_SET = "pa4t-isolation-canary"  # ours by name (pa4t-: temporary); created and destroyed at once
+CANARY_CHAIN = "pa-isolation-canary"
+MAX_ISOLATIONS = 8  # isolation rounds per apply (each finds at least one refused object)
+_DISPATCH = (CHAIN_FROM_WL_DISPATCH, CHAIN_TO_WL_DISPATCH)
+
+
+def _is_dispatch(name: str) -> bool:
+    # pa-from-wl-dispatch, pa-to-wl-dispatch and their children: every one ends in the
+    # fail-closed "unknown interface" deny, so leaving out a goto narrows.
+    return name.startswith(_DISPATCH)
+
+
+_ENDPOINT = ("pa-tw-", "pa-fw-")
+_NP_POLICY = ("pa-pi-", "pa-po-")
+
+
+def _is_endpoint(name: str) -> bool:
+    # pa-tw-/pa-fw-: one pod's policy block. Rewritten rather than set aside when a chain it
+    # jumps to is, so that nothing else of the pod's (another policy, an admin-tier deny, a
+    # label change) is held back at an older, possibly open version (found in review).
+    return name.startswith(_ENDPOINT)
+
+
+_ALLOW_TARGETS = ("pa-cnp-accept",)
+
+
+def _sets_whose_members_deny(desired: DesiredState) -> set[str]:
+    """Sets where one member fewer would let more through: matched (not negated) by a
+    rule that denies or passes, or negated by a rule that allows. Every other use (allow
+    when in the set; the anti-spoofing drop when not in it) only narrows when a member is
+    left out."""
+    out: set[str] = set()
+    for tbl in desired.chains.values():
+        for c in tbl.values():
+            for r in c.rules:
+                a = r.action
+                if a.verb == "NFLOG":
+                    continue
+                allows = (a.verb in ("ACCEPT", "RETURN") or (a.verb == "MARK" and bool(a.mark and a.mark[0]))
+                          or a.chain_target in _ALLOW_TARGETS)
+                m = r.match
+                for name, negated in ((m.src_set, m.src_set_negate), (m.dst_set, m.dst_set_negate),
+                                      (m.dst_ipport_set, False), (m.src_iface_set, m.src_iface_set_negate)):
+                    if name and negated == allows:
+                        out.add(name)
+    return out
+
+
+def _without_absent_targets(c: Chain, aside: set[str], present: set[str]) -> Chain:
+    """``c`` with each jump to an absent set-aside chain made fail-closed: a NetworkPolicy
+    chain only adds allows, so its jump is left out (the policy allows nothing, and the
+    pod's block still ends in its deny); any other target (a ClusterNetworkPolicy tier
+    chain may deny) becomes a DROP. A present one keeps its old, enforced version."""
+    rules: list[Rule] = []
+    for r in c.rules:
+        t = r.action.chain_target
+        if t is None or t not in aside or t in present:
+            rules.append(r)
+        elif not t.startswith(_NP_POLICY):
+            rules.append(Rule(r.match, Action("DROP"), f"{r.comment} (set aside: {t} refused by the kernel)"))
+    return Chain(c.name, tuple(rules))
+
+
+def _chain_origin(c: Chain) -> str:
+    """What a chain stands for, from its rules' comments: the pod of an endpoint
+    chain ("<ns>/<pod>: ..."), else the first comment naming an object."""
+    comments = [r.comment for r in c.rules if r.comment]
+    if c.name.startswith(("pa-tw-", "pa-fw-")):
+        for cm in reversed(comments):
+            if ": " in cm:
+                return "pod " + cm.split(": ", 1)[0]
+    for cm in comments:
+        if "/" in cm:
+            return cm
+    return comments[0] if comments else ""
+
+
+def _err(exc: BaseException) -> str:
+    text = exc.stderr if isinstance(exc, CommandError) else str(exc)
+    return " ".join(text.split())[:300]
+
+
+def _bisect(items: Sequence[Any], trial: Callable[[Sequence[Any]], bool]) -> list[Any]:
+    """The items whose trial fails on their own: 2 log n trials per culprit. ``trial``
+    of a group that passes has applied it (so culprits are found leaves-first)."""
+    if not items or trial(items):
+        return []
+    if len(items) == 1:
+        return list(items)
+    mid = len(items) // 2
+    return _bisect(items[:mid], trial) + _bisect(items[mid:], trial)
+
+
+@dataclass
+class _Aside:
+    """One object the kernel refused, kept out until its desired version changes (or a refresh)."""
+
+    kind: str  # "ipset" | "chain"
+    name: str
+    error: str
+    origin: str
+    obj: Any  # the refused desired version (IPSet or Chain)
+    family: int | None = None
+    table: str | None = None
+
+
+class _StageFailed(Exception):
+    """A restore of the fast path failed: ``stage`` "ipset" or "iptables" (``families``)."""
+
+    def __init__(self, stage: str, cause: BaseException, families: tuple[int, ...] = ()):
+        super().__init__(str(cause))
+        self.stage = stage
+        self.cause = cause
+        self.families = families
 
 
 class Dataplane:
@@ -268,6 +430,14 @@ class Dataplane:
         self._defer_chain_deletes = False
         self._stale_sets_failed: set[str] = set()
         self._kept_logged: set[tuple] = set()  # (family, table, chain, referrers) logged once
+        # Failure isolation: what the kernel refused, kept out of the writes until its
+        # desired version changes or the next refresh (which retries everything).
+        self._aside_sets: dict[str, _Aside] = {}
+        self._aside_members: dict[str, dict[str, str]] = {}  # set -> {member as desired: error}
+        self._aside_chains: dict[tuple[int, str, str], _Aside] = {}
+        self._aside_logged: set[tuple] = set()  # (kind, name, member) set aside now, logged once
+        self._sets_before: dict[str, ips.KSet] | None = None  # kernel sets before this apply's writes
+        self._isolation_restores = 0
 
     # --- kernel access --------------------------------------------------------
 
@@ -282,9 +452,28 @@ class Dataplane:
         return self.kernel.backend
 
     def read_back(self) -> None:
-        """Drop the cache and read the kernel (iptables-save per family, ipset save)."""
-        self._ipt = {f: ipt.parse_save(self.kernel.iptables_save(f)) for f in self.families}
-        self._sets = ips.parse_ipset_save(self.kernel.ipset_save())
+        """Drop the cache and read the kernel (iptables-save per family, ipset save).
+
+        The three saves run side by side: on an empty node they are most of the
+        read-back's cost (process start-up), not the parsing."""
+        k = self.kernel
+        start = getattr(k, "iptables_save_start", None)
+        if start is None:  # e.g. FakeKernel
+            self._ipt = {f: ipt.parse_save(k.iptables_save(f)) for f in self.families}
+            self._sets = ips.parse_ipset_save(k.ipset_save())
+            return
+        jobs = [start(f) for f in self.families] + [k.ipset_save_start()]
+        texts: list[str] = []
+        error: CommandError | None = None
+        for job in jobs:  # wait for every one, so none is left running on an error
+            try:
+                texts.append(job.wait())
+            except CommandError as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        self._ipt = {f: ipt.parse_save(t) for f, t in zip(self.families, texts)}
+        self._sets = ips.parse_ipset_save(texts[-1])
 
     def invalidate(self) -> None:
         self._ipt = None
@@ -295,10 +484,11 @@ class Dataplane:
 
     def apply(self, desired: DesiredState, allow_sweep: bool = False) -> ApplyReport:
         """Program ``desired``. ``allow_sweep``: every source is in sync, remove stale state."""
-        delta = self._check(desired)
-        self._desired = desired
-        self._sweep_ok = self._sweep_ok or allow_sweep
-        return self._converge(desired, self._sweep_ok, delta)
+        with _gc_paused():
+            delta = self._check(desired)
+            self._desired = desired
+            self._sweep_ok = self._sweep_ok or allow_sweep
+            return self._converge(desired, self._sweep_ok, delta)
 
     def _check(self, desired: DesiredState) -> _Delta | None:
         """Validate ``desired``; against the remembered state only what changed."""
@@ -325,6 +515,7 @@ class Dataplane:
         self.invalidate()
         self._defer_chain_deletes = False  # try the sweep again
         self._stale_sets_failed.clear()
+        self._clear_aside()  # retry everything the kernel refused: it heals once the input is fixed
         report = self._converge(self._desired, self._sweep_ok, None)
         if report.changed:
             log.warning("dataplane_repaired", netns=self.netns, **report.log_fields())
@@ -367,25 +558,50 @@ class Dataplane:
     # --- the convergence loop -------------------------------------------------
 
     def _converge(self, desired: DesiredState, sweep: bool, delta: _Delta | None) -> ApplyReport:
+        with _gc_paused():
+            return self._converge_gc_paused(desired, sweep, delta)
+
+    def _converge_gc_paused(self, desired: DesiredState, sweep: bool, delta: _Delta | None) -> ApplyReport:
         start = time.monotonic()
         delay = self.backoff
         last: Exception | None = None
-        for attempt in range(1, self.retries + 1):
+        self._sets_before = None
+        self._isolation_restores = 0
+        attempt = isolations = 0
+        while attempt < self.retries:
+            attempt += 1
             report = ApplyReport(backend=self.backend, attempts=attempt)
             if self._applied is None or delta is None or delta.prev is not self._applied:
                 delta = None  # nothing remembered (first apply, refresh, retry): compare everything
             try:
                 self._apply_once(desired, sweep, report, delta)
-            except CommandError as exc:
-                last = exc
-                log.warning("dataplane_write_failed", netns=self.netns, attempt=attempt, error=str(exc))
+            except (CommandError, _StageFailed) as exc:
+                cause = exc.cause if isinstance(exc, _StageFailed) else exc
+                last = cause
+                log.warning("dataplane_write_failed", netns=self.netns, attempt=attempt, error=str(cause))
                 self.invalidate()
+                if isinstance(exc, _StageFailed) and isolations < MAX_ISOLATIONS:
+                    try:
+                        found = self._isolate(desired, exc)
+                    except CommandError as iso_exc:  # e.g. a save failed: retry as before
+                        log.warning("dataplane_isolation_failed", netns=self.netns, error=str(iso_exc))
+                        found = False
+                    self.invalidate()
+                    if found:  # progress: apply the rest now, without spending an attempt
+                        isolations += 1
+                        attempt -= 1
+                        continue
                 time.sleep(delay)
                 delay *= 2
                 continue
             report.seconds = time.monotonic() - start
-            self._refs = delta.refs if delta is not None else _build_refs(desired)
-            self._applied = desired
+            report.isolation_restores = self._isolation_restores
+            report.set_aside = self._aside_report(desired)
+            degraded = bool(self._aside_sets or self._aside_members or self._aside_chains)
+            # Degraded: the kernel differs from ``desired`` on purpose, so the next apply
+            # compares everything with the kernel (by hash) instead of with ``desired``.
+            self._refs = None if degraded else (delta.refs if delta is not None else _build_refs(desired))
+            self._applied = None if degraded else desired
             if delta is None or delta.meta_changed or self._state_text is None:
                 self._write_state(desired)
             if report.changed:
@@ -399,12 +615,26 @@ class Dataplane:
         if fresh:
             self.read_back()
         assert self._ipt is not None and self._sets is not None
+        if self._sets_before is None:
+            self._sets_before = dict(self._sets)
+        # Without anything set aside this is ``desired`` itself (the fast path). One local
+        # only: tracebacks render locals, and a DesiredState renders large.
+        desired, keep = self._effective(desired)
 
         # 1. ipsets first: every set a rule will reference exists and is filled. The
-        # batch runs while the iptables transactions are planned (2 cores: the planner
-        # and ipset overlap), and the restores start only after it succeeded.
-        plan = ips.plan_ipsets(desired.ipsets if delta is None else delta.sets, self._sets, self.maxelem)
-        ipset_job = _start_ipset(self.kernel, plan.restore_text()) if plan.lines else None
+        # batch is streamed to one ``ipset restore`` set by set as it is planned, and
+        # runs on while the iptables transactions are planned (2 cores: the planner
+        # and ipset overlap); the iptables restores start only after it succeeded.
+        feed = _IpsetFeed(self.kernel)
+        try:
+            plan = ips.plan_ipsets(desired.ipsets if delta is None else delta.sets, self._sets, self.maxelem,
+                                   emit=feed.write)
+        except ValueError as exc:  # a member we cannot even parse: isolate it like a refused one
+            # Sets streamed before it may be written (ipset restore is not atomic anyway):
+            # the isolation re-reads the kernel and puts back what was there before.
+            feed.abandon()
+            raise _StageFailed("ipset", exc) from exc
+        ipset_job = feed.finish()
 
         # 2./3. one transaction per table, one restore per family.
         todo: list[tuple[int, list[ipt.TablePlan], str]] = []
@@ -412,21 +642,25 @@ class Dataplane:
         try:
             for family in self.families:
                 tables = self._ipt[family]
-                hooks = _hooks(desired, family)
+                hooks = _hooks(desired, family, keep)
                 names = {t for (f, t) in desired.chains if f == family} | {h.table for h in hooks}
                 names |= {n for n, t in tables.items() if _has_ours(t)}
                 plans = []
                 for t in sorted(names):
                     only = None if delta is None else delta.chains.get((family, t), ())
                     plans.append(ipt.plan_table(t, desired.table(family, t), hooks, tables.get(t), sweep, only=only,
-                                                delete_chains=not self._defer_chain_deletes))
+                                                delete_chains=not self._defer_chain_deletes,
+                                                keep=keep.get((family, t), ())))
                 kept += [(family, p) for p in plans if p.kept_referenced]
                 text = "".join(p.restore_text() for p in plans)
                 if text:
                     todo.append((family, plans, text))
         finally:
             if ipset_job is not None:
-                ipset_job.wait()  # raises CommandError: nothing of iptables was written
+                try:
+                    ipset_job.wait()  # nothing of iptables was written
+                except CommandError as exc:
+                    raise _StageFailed("ipset", exc) from exc
                 # Written: the cache says so even if planning raised meanwhile.
                 report.ipset_lines += len(plan.lines)
                 report.restore_calls += 1
@@ -439,11 +673,13 @@ class Dataplane:
         # The families are independent tables: their restores run side by side.
         jobs = [_start_iptables(self.kernel, family, text) for family, _, text in todo]
         errors = []
-        for job in jobs:
+        failed_families = []
+        for job, (family, _p, _t) in zip(jobs, todo):
             try:
                 job.wait()
             except CommandError as exc:
                 errors.append(exc)
+                failed_families.append(family)
         if errors:
             if fresh and any(p.deleted for _f, plans, _t in todo for p in plans):
                 # Planned from what we just read, yet it failed: deleting a stale chain may be
@@ -452,7 +688,9 @@ class Dataplane:
                 # may simply be new to us: the retry re-reads and keeps that chain.)
                 self._defer_chain_deletes = True
                 log.warning("dataplane_chain_sweep_deferred", netns=self.netns, error=str(errors[0]))
-            raise errors[0]  # the caller drops the cache and re-reads: one family may be written
+            # The caller drops the cache and re-reads (one family may be written) and
+            # looks for the chains the kernel refuses.
+            raise _StageFailed("iptables", errors[0], tuple(failed_families))
         for family, plans, text in todo:
             tables = self._ipt[family]
             report.iptables_lines += _count(text)
@@ -463,14 +701,16 @@ class Dataplane:
                     report.chains_rewritten.update({f"v{family}:{c}": n for c, n in p.rewritten.items() if c not in p.created})
                     report.chains_deleted += [f"v{family}:{c}" for c in p.deleted]
                     report.hooks_repaired += [f"v{family}:{p.table}:{c}" for c in p.hooks_repaired]
-                    tables[p.table] = _update_model(tables.get(p.table), p, desired, family)
+                    tables[p.table] = _update_model(tables.get(p.table), p, desired, family, keep)
 
         for family, p in kept:
             self._log_kept(family, p)
 
         # 4. stale sets, only once nothing of ours or anyone else's references them.
         if sweep:
-            stale = sorted(n for n in self._sets if n not in desired.ipsets)
+            # Stale: not desired at all (``self._desired``: a set set aside is still desired).
+            wanted = self._desired.ipsets if self._desired is not None else desired.ipsets
+            stale = sorted(n for n in self._sets if n not in wanted)
             if stale:
                 # Desired chains reference desired sets only (validated); anything else in the
                 # kernel (foreign rules, stale chains kept because something jumps to them) may not.
@@ -556,6 +796,322 @@ class Dataplane:
                 log.warning("dataplane_other_backend_cleaned", backend=other, family=family, lines=written)
         return written
 
+    # --- failure isolation ----------------------------------------------------
+
+    def _clear_aside(self) -> None:
+        self._aside_sets.clear()
+        self._aside_members.clear()
+        self._aside_chains.clear()
+
+    def _effective(self, desired: DesiredState) -> tuple[DesiredState, _Kept]:
+        """``desired`` minus what is set aside, and the set-aside chains the kernel keeps.
+
+        Entries whose desired version changed (or went) are dropped first: they are
+        tried again. Needs the kernel cache (presence decides dispatch pruning)."""
+        for n, e in list(self._aside_sets.items()):
+            if desired.ipsets.get(n) != e.obj:
+                del self._aside_sets[n]
+        for n, refused in list(self._aside_members.items()):
+            s = desired.ipsets.get(n)
+            still = {m: err for m, err in refused.items() if s is not None and m in s.members}
+            if still:
+                self._aside_members[n] = still
+            else:
+                del self._aside_members[n]
+        for k, e in list(self._aside_chains.items()):
+            if desired.table(k[0], k[1]).get(k[2]) != e.obj:
+                del self._aside_chains[k]
+        if not (self._aside_sets or self._aside_members or self._aside_chains):
+            return desired, {}
+        assert self._ipt is not None
+        ipsets = {n: s for n, s in desired.ipsets.items() if n not in self._aside_sets}
+        for n, refused in self._aside_members.items():
+            if n in ipsets:
+                s = ipsets[n]
+                ipsets[n] = replace(s, members=frozenset(m for m in s.members if m not in refused))
+        chains: dict[tuple[int, str], dict[str, Chain]] = {}
+        kept: _Kept = {}
+        for (family, table), tbl in desired.chains.items():
+            aside, _why = self._closure(desired, family, table)
+            if not aside:
+                chains[(family, table)] = dict(tbl)
+                continue
+            have = self._ipt.get(family, {}).get(table)
+            present = set(have.chains) if have is not None else set()
+            out: dict[str, Chain] = {}
+            for name, c in tbl.items():
+                if name in aside:
+                    continue
+                if _is_dispatch(name) and c.references & aside:
+                    # A goto to an absent set-aside chain cannot be written; without it the
+                    # interface falls through to the "unknown interface" deny (fail closed).
+                    # A present one keeps its old, enforced version: the goto stays.
+                    c = Chain(name, tuple(r for r in c.rules
+                                          if not (r.action.chain_target in aside and r.action.chain_target not in present)))
+                elif _is_endpoint(name) and c.references & aside:
+                    c = _without_absent_targets(c, aside, present)
+                out[name] = c
+            chains[(family, table)] = out
+            kept[(family, table)] = {n for n in aside if n in present}
+        eff = DesiredState(chains=chains, hooks=desired.hooks, ipsets=ipsets, endpoints=desired.endpoints)
+        return eff, kept
+
+    def _closure(self, desired: DesiredState, family: int, table: str) -> tuple[set[str], dict[str, str]]:
+        """Chains of one table set aside, with why: refused themselves, referencing a
+        set-aside set, or (not dispatch nor endpoint chains) jumping to a set-aside chain."""
+        tbl = desired.table(family, table)
+        why: dict[str, str] = {}
+        for (f, t, n), e in self._aside_chains.items():
+            if (f, t) == (family, table):
+                why[n] = e.error
+        if self._aside_sets:
+            for n, c in tbl.items():
+                bad = sorted(c.ipsets & self._aside_sets.keys())
+                if bad and n not in why:
+                    why[n] = f"references set-aside ipset {bad[0]}"
+        if not why:
+            return set(), why
+        referrers: dict[str, list[str]] = {}
+        for n, c in tbl.items():
+            for t in c.references:
+                referrers.setdefault(t, []).append(n)
+        todo = list(why)
+        while todo:
+            x = todo.pop()
+            for r in referrers.get(x, ()):
+                if r not in why and not _is_dispatch(r) and not _is_endpoint(r):
+                    why[r] = f"jumps to set-aside chain {x}"
+                    todo.append(r)
+        return set(why), why
+
+    def _aside_report(self, desired: DesiredState) -> list[dict[str, Any]]:
+        """Everything set aside now (logged once per name and error). Chains set aside only
+        by reference are listed when their kernel version differs from the desired one."""
+        out: list[dict[str, Any]] = []
+        for n, e in sorted(self._aside_sets.items()):
+            out.append({"kind": "ipset", "name": n, "family": e.obj.family, "origin": e.origin, "error": e.error})
+        for n, refused in sorted(self._aside_members.items()):
+            s = desired.ipsets[n]
+            for m, err in sorted(refused.items()):
+                out.append({"kind": "member", "name": n, "member": m, "family": s.family, "origin": s.origin,
+                            "error": err})
+        if self._aside_sets or self._aside_chains:
+            for (family, table), tbl in sorted(desired.chains.items()):
+                aside, why = self._closure(desired, family, table)
+                have = (self._ipt or {}).get(family, {}).get(table) if self._ipt is not None else None
+                for n in sorted(aside):
+                    k = have.chains.get(n) if have is not None else None
+                    if (family, table, n) not in self._aside_chains and k is not None and \
+                            [r.hash for r in k.rules] == list(tbl[n].hashes):
+                        continue  # the kernel has the desired version: nothing held back
+                    out.append({"kind": "chain", "name": n, "family": family, "table": table,
+                                "origin": _chain_origin(tbl[n]), "error": why[n]})
+        # Keyed without the error text (it carries restore line numbers, which move with
+        # every other change) and only for what is set aside now: bounded, and logged again
+        # only when an object is set aside anew.
+        now = {(d["kind"], d["name"], d.get("member")) for d in out}
+        for d in out:
+            key = (d["kind"], d["name"], d.get("member"))
+            if key not in self._aside_logged:
+                log.warning("dataplane_set_aside", netns=self.netns, **d)
+        self._aside_logged = now
+        return out
+
+    def _isolate(self, desired: DesiredState, failure: _StageFailed) -> bool:
+        """Find what the kernel refused in the failed stage; True if something new was set aside.
+        Trials that pass are applied on the way (leaves first: sets, then chains by layer)."""
+        self.read_back()
+        if not self._canary(failure):
+            # The kernel refuses even a trivial batch: not one object's fault (no ipset
+            # module, a lock, a dying netns). Nothing is set aside: retry, then error.
+            log.warning("dataplane_isolation_skipped", netns=self.netns, stage=failure.stage,
+                        reason="a trivial batch fails too", error=_err(failure.cause))
+            return False
+        if failure.stage == "ipset":
+            return self._isolate_sets(desired)
+        found = False
+        for family in failure.families:
+            found |= self._isolate_chains(desired, family)
+        return found
+
+    def _canary(self, failure: _StageFailed) -> bool:
+        """Does the kernel take a trivial batch of the failed kind (create and remove a
+        scratch set or chain)? Only then can a refusal be pinned on an object."""
+        self._isolation_restores += 1
+        try:
+            if failure.stage == "ipset":
+                self.kernel.ipset_restore(f"create {CANARY_SET} hash:net family inet\ndestroy {CANARY_SET}\n")
+            else:
+                for family in failure.families:
+                    self.kernel.iptables_restore(family, f"*filter\n:{CANARY_CHAIN} - [0:0]\n-X {CANARY_CHAIN}\nCOMMIT\n")
+        except CommandError:
+            return False
+        return True
+
+    def _isolate_sets(self, desired: DesiredState) -> bool:
+        assert self._sets is not None
+        eff, _kept = self._effective(desired)
+        names = []
+        for n in sorted(eff.ipsets):
+            try:
+                if ips.plan_ipsets({n: eff.ipsets[n]}, self._sets, self.maxelem).lines:
+                    names.append(n)
+            except ValueError:
+                names.append(n)
+        errors: dict[str, str] = {}
+        bad = _bisect(names, lambda group: self._try_sets(eff.ipsets, group, errors))
+        deny_used = _sets_whose_members_deny(desired) if bad else set()
+        for n in bad:
+            self._isolate_members(desired.ipsets[n], eff.ipsets[n], errors.get(n, ""), n in deny_used)
+        return bool(bad)
+
+    def _try_sets(self, sets: dict[str, IPSet], group: Sequence[str], errors: dict[str, str]) -> bool:
+        assert self._sets is not None
+        try:
+            plan = ips.plan_ipsets({n: sets[n] for n in group}, self._sets, self.maxelem)
+        except ValueError as exc:
+            if len(group) == 1:
+                errors[group[0]] = _err(exc)
+            return False
+        if not plan.lines:
+            return True
+        self._isolation_restores += 1
+        try:
+            self.kernel.ipset_restore(plan.restore_text())
+        except CommandError as exc:
+            if len(group) == 1:
+                errors[group[0]] = _err(exc)
+            # ipset restore is not atomic (and batches): re-read what it left.
+            self._sets = ips.parse_ipset_save(self.kernel.ipset_save())
+            return False
+        for name, members in plan.members.items():
+            s = sets[name]
+            self._sets[name] = ips.KSet(name, s.type, s.family, self.maxelem, members)
+        return True
+
+    def _isolate_members(self, orig: IPSet, s: IPSet, error: str, deny_used: bool = False) -> None:
+        """Which members of one set the kernel refuses, found in a scratch set; they are
+        left out, unless leaving one out would widen (a ``nomatch``: an except of a block;
+        or any member of a set a deny or pass rule matches: ``deny_used``) or the set
+        cannot be created at all: then the whole set is set aside."""
+        assert self._sets is not None
+        if not owns_ipset(s.name):
+            return self._set_aside_set(orig, f"not one of our ipsets: {error}")
+        tmp = temp_ipset_name(s.name)
+        refused: dict[str, str] = {}
+        pairs: list[tuple[str, str]] = []
+        for m in sorted(s.members):
+            try:
+                pairs.append((m, ips.canon_member(s.type, m)))
+            except ValueError as exc:
+                refused[m] = f"cannot parse member: {exc}"
+        if tmp in self._sets:
+            self._quiet_restore(f"destroy {tmp}\n")
+        head = f"create {tmp} {s.type} family {s.inet} maxelem {self.maxelem} -exist\nflush {tmp}\n"
+        errors: dict[str, str] = {}
+
+        def probe(group: Sequence[tuple[str, str]]) -> bool:
+            self._isolation_restores += 1
+            try:
+                self.kernel.ipset_restore(head + "".join(f"add {tmp} {c}\n" for _m, c in group))
+                return True
+            except CommandError as exc:
+                if len(group) == 1:
+                    errors[group[0][0]] = _err(exc)
+                return False
+
+        try:
+            if not probe([]):
+                return self._set_aside_set(orig, error or "set cannot be created")
+            for m, _c in _bisect(pairs, probe):
+                refused[m] = errors.get(m, error)
+        finally:
+            self._quiet_restore(f"destroy {tmp}\n")
+        nomatch = sorted(m for m in refused if "nomatch" in m.split()[1:])
+        if nomatch:
+            return self._set_aside_set(orig, f"member {nomatch[0]!r} refused: {refused[nomatch[0]]}")
+        if refused and deny_used:
+            first = sorted(refused)[0]
+            return self._set_aside_set(orig, f"member {first!r} refused: {refused[first]} (a deny or pass rule "
+                                             "matches this set: leaving the member out would widen)")
+        if not refused:  # every member passes alone, yet the set fails: keep its old version
+            return self._set_aside_set(orig, error or "refused")
+        self._aside_members.setdefault(s.name, {}).update(refused)
+
+    def _set_aside_set(self, s: IPSet, error: str) -> None:
+        """Keep the kernel's previous version of the set (or none): a failed batch may
+        have changed it part way, so put back what was there before this apply."""
+        assert self._sets is not None
+        self._aside_sets[s.name] = _Aside("ipset", s.name, error, s.origin, s)
+        self._aside_members.pop(s.name, None)
+        before = (self._sets_before or {}).get(s.name)
+        now = self._sets.get(s.name)
+        if before is None:
+            if now is not None:
+                self._quiet_restore(f"destroy {s.name}\n")
+            return
+        if now is not None and (now.type, now.family, now.members) == (before.type, before.family, before.members):
+            return
+        old = IPSet(s.name, before.family, before.type, frozenset(before.members), s.origin)
+        try:
+            self._quiet_restore(ips.plan_ipsets({s.name: old}, self._sets, before.maxelem).restore_text())
+        except ValueError:
+            pass
+
+    def _quiet_restore(self, text: str) -> None:
+        """Best effort (scratch sets, putting an old version back): logged, never raised."""
+        if not text:
+            return
+        self._isolation_restores += 1
+        try:
+            self.kernel.ipset_restore(text)
+        except CommandError as exc:
+            log.warning("dataplane_isolation_cleanup_failed", netns=self.netns, error=_err(exc))
+
+    def _isolate_chains(self, desired: DesiredState, family: int) -> bool:
+        """Chains of one family the kernel refuses: per table, by dependency layer (a
+        chain after every chain it jumps to), bisecting each layer."""
+        assert self._ipt is not None
+        found = False
+        for table in sorted({t for (f, t) in desired.chains if f == family}):
+            eff, _kept = self._effective(desired)
+            tbl = eff.table(family, table)
+            have = self._ipt[family].get(table) or ipt.KTable(table)
+            todo = [n for n, c in tbl.items() if n not in have.chains or ipt.plan_chain(c, have.chains[n])]
+            for layer in _layers(tbl, todo):
+                eff, _kept = self._effective(desired)  # earlier layers' culprits prune this one
+                tbl = eff.table(family, table)
+                errors: dict[str, str] = {}
+                cands = [n for n in layer if n in tbl]
+                def trial(group: Sequence[str], t: str = table, chains: dict = tbl, e: dict = errors) -> bool:
+                    return self._try_chains(family, t, chains, group, e)
+
+                for n in _bisect(cands, trial):
+                    c = desired.table(family, table)[n]
+                    self._aside_chains[(family, table, n)] = _Aside(
+                        "chain", n, errors.get(n, "refused"), _chain_origin(c), c, family, table)
+                    found = True
+        return found
+
+    def _try_chains(self, family: int, table: str, tbl: dict[str, Chain], group: Sequence[str],
+                    errors: dict[str, str]) -> bool:
+        assert self._ipt is not None
+        have = self._ipt[family].get(table)
+        plan = ipt.plan_table(table, tbl, (), have, sweep=False, only=group)
+        text = plan.restore_text()
+        if not text:
+            return True
+        self._isolation_restores += 1
+        try:
+            self.kernel.iptables_restore(family, text)
+        except CommandError as exc:  # one table: atomic, nothing changed
+            if len(group) == 1:
+                errors[group[0]] = _err(exc)
+            return False
+        part = DesiredState(chains={(family, table): tbl})
+        self._ipt[family][table] = _update_model(have, plan, part, family)
+        return True
+
     # --- metadata for dump ----------------------------------------------------
 
     def _write_state(self, desired: DesiredState) -> None:
@@ -577,14 +1133,27 @@ class Dataplane:
                         return
             except FileNotFoundError:
                 pass
-        # Atomic replace, no fsync: the file lives on tmpfs (/run) and is rewritten
-        # from the desired state by the next agent if lost.
-        os.makedirs(os.path.dirname(self.state_path) or ".", exist_ok=True)
-        tmp = f"{self.state_path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.state_path)
+        # The shared atomic write: a random temp name in the same directory (mkstemp:
+        # O_EXCL, never follows a planted symlink), fsync, rename.
+        atomic_write(self.state_path, text)
         self._state_text = text
+
+
+def _layers(tbl: dict[str, Chain], names: list[str]) -> list[list[str]]:
+    """``names`` in dependency layers: each chain after every chain of ``names`` it jumps to."""
+    todo = set(names)
+    depth: dict[str, int] = {}
+
+    def d(n: str, seen: frozenset = frozenset()) -> int:
+        if n not in depth:
+            refs = [t for t in tbl[n].references if t in todo and t != n and t not in seen]
+            depth[n] = 1 + max((d(t, seen | {n}) for t in refs), default=-1)
+        return depth[n]
+
+    out: dict[int, list[str]] = {}
+    for n in sorted(todo):
+        out.setdefault(d(n), []).append(n)
+    return [out[k] for k in sorted(out)]
 
 
 def _count(text: str) -> int:
@@ -607,6 +1176,57 @@ class _Done:
             raise self._exc
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No automatic garbage collection for the block (re-entrant).
+
+    An apply allocates a lot (rendered lines, the kernel model) but makes no garbage
+    cycles worth chasing: without this, the first apply of a fresh process (an agent
+    restart, before the agent freezes its heap) ran full collections over the whole
+    compiled state in the middle of its writes."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+class _IpsetFeed:
+    """The one ``ipset restore`` of an apply, started at the first set's text and fed
+    set by set (kernels without ``ipset_restore_stream``: one batch at the end)."""
+
+    def __init__(self, kernel: Kernel):
+        self._kernel = kernel
+        self._open = getattr(kernel, "ipset_restore_stream", None)
+        self._stream: Any = None
+        self._chunks: list[str] = []
+
+    def write(self, text: str) -> None:
+        if self._open is None:
+            self._chunks.append(text)
+            return
+        if self._stream is None:
+            self._stream = self._open()
+        self._stream.write(text)
+
+    def abandon(self) -> None:
+        if self._stream is not None:
+            self._stream.kill()
+            try:
+                self._stream.wait()
+            except CommandError:
+                pass
+
+    def finish(self) -> Any:
+        """The running job (``wait()`` raises CommandError), or None if nothing was planned."""
+        if self._stream is not None:
+            self._stream.close()
+            return self._stream
+        return _start_ipset(self._kernel, "".join(self._chunks)) if self._chunks else None
+
+
 def _start_ipset(kernel: Kernel, text: str) -> Any:
     start = getattr(kernel, "ipset_restore_start", None)
     return start(text) if start else _Done(kernel.ipset_restore, text)
@@ -622,7 +1242,8 @@ def _has_ours(t: ipt.KTable) -> bool:
     return any(owns_chain(n) or (c.builtin and any(r.ours for r in c.rules)) for n, c in t.chains.items())
 
 
-def _update_model(old: ipt.KTable | None, plan: ipt.TablePlan, desired: DesiredState, family: int) -> ipt.KTable:
+def _update_model(old: ipt.KTable | None, plan: ipt.TablePlan, desired: DesiredState, family: int,
+                  kept: _Kept | None = None) -> ipt.KTable:
     """The cached table as it is after ``plan`` was committed (counters unknown, hashes
     exact), updated in place: only the chains the plan touched are rebuilt."""
     new = old if old is not None else ipt.KTable(plan.table)
@@ -641,7 +1262,7 @@ def _update_model(old: ipt.KTable | None, plan: ipt.TablePlan, desired: DesiredS
         new.chains[name] = ipt.KChain(name, "-", rules)
     for cname in plan.hooks_repaired:
         kch = new.chains.setdefault(cname, ipt.KChain(cname, "ACCEPT"))
-        hooks = [h for h in _hooks(desired, family) if h.table == plan.table and h.chain == cname]
+        hooks = [h for h in _hooks(desired, family, kept) if h.table == plan.table and h.chain == cname]
         top = [ipt.KRule(cname, h.render_line()[len(f"-I {cname} 1 "):]) for h in hooks]
         kch.rules = top + [r for r in kch.rules if not r.ours]
     return new

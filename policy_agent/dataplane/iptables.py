@@ -182,11 +182,15 @@ def plan_table(
     sweep: bool,
     only: Collection[str] | None = None,
     delete_chains: bool = True,
+    keep: Collection[str] = (),
 ) -> TablePlan:
     """Plan one table. ``only``: the desired chains that may differ from ``kernel``
     (the caller knows the rest are as last written); None compares every chain.
     ``delete_chains=False`` (sweep only): stale hooks go, stale chains stay (the
-    dataplane backs off deleting chains after a transaction with deletions failed)."""
+    dataplane backs off deleting chains after a transaction with deletions failed).
+    ``keep``: chains of ours that are not in ``desired`` but stay as the kernel has
+    them (set aside after the kernel refused them: never swept, and their rules keep
+    what they jump to)."""
     plan = TablePlan(table)
     kernel = kernel or KTable(table)
     chains = kernel.chains
@@ -230,9 +234,9 @@ def plan_table(
 
     tail: list[str] = []
     if sweep:
-        stale = sorted(n for n in chains.keys() - desired.keys() if owns_chain(n))
+        stale = sorted(n for n in chains.keys() - desired.keys() - set(keep) if owns_chain(n))
         if stale:
-            kept = stale_chain_referrers(chains, stale, delete_chains)
+            kept = stale_chain_referrers(chains, stale, delete_chains, keep)
             plan.kept_referenced = kept
             for name in stale:
                 if name in kept:
@@ -246,7 +250,7 @@ def plan_table(
 
 
 def stale_chain_referrers(
-    chains: Mapping[str, KChain], stale: Iterable[str], delete: bool = True
+    chains: Mapping[str, KChain], stale: Iterable[str], delete: bool = True, keep: Collection[str] = ()
 ) -> dict[str, list[str]]:
     """Stale chains of ours that must stay, each with the chains that still jump to it.
 
@@ -254,16 +258,18 @@ def stale_chain_referrers(
     transaction, on every later apply. Rules that survive this transaction are: every
     rule in a foreign (non-built-in, not ours) chain, whoever wrote it; rules in
     built-in chains that are not ours (ours there are hooks: re-planned or deleted in
-    the same transaction); and the rules of stale chains that are themselves kept
+    the same transaction); the rules of chains of ours in ``keep`` (set aside: they
+    stay as they are); and the rules of stale chains that are themselves kept
     (so a kept chain keeps what it jumps to: the closure). Felix keeps referenced
     chains too. ``delete=False``: every stale chain stays (no referrer recorded).
     """
     stale = set(stale)
     if not delete:
         return {n: [] for n in sorted(stale)}
+    keep = set(keep)
     refs: dict[str, set[str]] = {}
     for c in chains.values():
-        if owns_chain(c.name):
+        if owns_chain(c.name) and c.name not in keep:
             continue
         for r in c.rules:
             t = r.target

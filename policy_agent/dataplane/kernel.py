@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from policy_agent.dataplane.runner import Pending, Runner
+from policy_agent.dataplane.runner import Pending, Runner, Stream
 
 BACKENDS = ("nft", "legacy")
 LEGACY_PROBE_FILE = "/proc/net/ip_tables_names"
@@ -71,6 +71,18 @@ class SystemKernel:
 
     def ipset_restore_start(self, text: str) -> Pending:
         return self.runner.start(["ipset", "restore"], input=text)
+
+    def ipset_restore_stream(self) -> Stream:
+        # Fed set by set while the rest is still being rendered (from empty, the
+        # kernel's work on the first sets overlaps our rendering of the others).
+        return self.runner.stream(["ipset", "restore"])
+
+    # The read-back's three saves are independent: started together, waited together.
+    def iptables_save_start(self, family: int) -> Pending:
+        return self.runner.start([binary(self.backend, family, "save"), "-c"])
+
+    def ipset_save_start(self) -> Pending:
+        return self.runner.start(["ipset", "save"])
 
     def ipset_save(self) -> str:
         return self.runner.run(["ipset", "save"])

@@ -11,8 +11,10 @@ dataplane starts processes.
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -68,6 +70,81 @@ class Pending:
         return self._out
 
 
+class Stream(Pending):
+    """A started command whose input is written piece by piece while it runs.
+
+    ``write`` queues text and returns at once (a helper thread feeds the pipe, so
+    the caller never blocks on a slow reader); ``wait`` ends the input and waits.
+    The child works on the first pieces while the caller renders the rest: for a
+    restore from empty that overlaps our rendering with the kernel's work."""
+
+    def __init__(self, argv: list[str], proc: subprocess.Popen | None, timeout: float,
+                 error: CommandError | None = None):
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._closed = False
+        super().__init__(argv, proc, None, timeout, error)
+
+    def write(self, text: str) -> None:
+        if text and not self._closed:
+            self._queue.put(text)
+
+    def kill(self) -> None:
+        """Abandon the input (the caller found it bad): the child is killed, not fed the rest."""
+        if self._proc is not None and not self._closed:
+            self._proc.kill()
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+
+    def _talk(self, input: str | None, timeout: float) -> None:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        out: list[str] = []
+        err: list[str] = []
+        # Output is drained while we feed: a child that writes (much) while it reads
+        # never blocks on a full pipe with us blocked on its input.
+        readers = [threading.Thread(target=lambda f=f, acc=acc: acc.append(f.read()), daemon=True)
+                   for f, acc in ((proc.stdout, out), (proc.stderr, err))]
+        for t in readers:
+            t.start()
+        # A child that hangs while we feed it (a lock) is killed after ``timeout`` like
+        # any other command; the write then fails and the rest is drained.
+        t0 = time.monotonic()
+        killer = threading.Timer(timeout, proc.kill)
+        killer.daemon = True
+        killer.start()
+        broken = False
+        while (chunk := self._queue.get()) is not None:
+            if broken:
+                continue  # the child exited early (an error): drain, its stderr says why
+            try:
+                proc.stdin.write(chunk)
+            except (BrokenPipeError, OSError, ValueError):
+                broken = True
+        try:
+            proc.stdin.close()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        try:
+            proc.wait(max(0.1, timeout - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        killer.cancel()
+        for t in readers:
+            t.join()
+        self._out, self._err = "".join(out), "".join(err)
+        if proc.returncode == -9 and time.monotonic() - t0 >= timeout:
+            self._err = f"timed out after {timeout} s; {self._err}"
+
+    def wait(self) -> str:
+        self.close()
+        return super().wait()
+
+
 @dataclass
 class Runner:
     netns: str | None = None
@@ -89,6 +166,14 @@ class Runner:
         except OSError as exc:
             return Pending(self.argv(argv), None, None, self.timeout, CommandError(self.argv(argv), 127, str(exc)))
         return Pending(self.argv(argv), proc, input, self.timeout)
+
+    def stream(self, argv: list[str]) -> Stream:
+        """Start ``argv`` to be fed with ``Stream.write``; ``wait()`` raises CommandError on failure."""
+        try:
+            proc = self._popen(argv)
+        except OSError as exc:
+            return Stream(self.argv(argv), None, self.timeout, CommandError(self.argv(argv), 127, str(exc)))
+        return Stream(self.argv(argv), proc, self.timeout)
 
     def run(self, argv: list[str], input: str | None = None, check: bool = True) -> str:
         rc, out, err = self.try_run(argv, input)

@@ -31,7 +31,8 @@ class ApiserverError(RuntimeError):
 
 def bin_dir(build: bool = True) -> str:
     cache = os.path.join(os.environ.get("POLICY_AGENT_CACHE", "/var/cache/policy-agent"), f"kube-apiserver-{KUBE_VERSION}")
-    if not os.path.exists(os.path.join(cache, "kube-apiserver")):
+    # The stamp marks binaries built with the script's reflect2 fix (custom resources).
+    if not all(os.path.exists(os.path.join(cache, f)) for f in ("kube-apiserver", ".reflect2-go118")):
         script = os.path.join(_REPO, "scripts", "build-kube-apiserver.sh")
         if not build or not os.path.exists(script):
             raise ApiserverError(f"kube-apiserver {KUBE_VERSION} is not built ({cache}); run scripts/build-kube-apiserver.sh")
@@ -103,7 +104,7 @@ def start(workdir: str, spawn, record) -> dict:
     _wait(lambda: urllib.request.urlopen(f"{etcd_url}/health", timeout=2).status == 200, 60, "etcd /health", pid)
 
     server = f"https://127.0.0.1:{api_port}"
-    pid = spawn([os.path.join(bins, "kube-apiserver"), "--etcd-servers", etcd_url,
+    argv = [os.path.join(bins, "kube-apiserver"), "--etcd-servers", etcd_url,
                  "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
                  "--secure-port", str(api_port), "--insecure-port", "0",
                  "--tls-cert-file", crt, "--tls-private-key-file", key, "--token-auth-file", tokens,
@@ -111,16 +112,9 @@ def start(workdir: str, spawn, record) -> dict:
                  "--service-account-issuer", "https://kubernetes.default.svc",
                  "--service-account-key-file", sa, "--service-account-signing-key-file", sa,
                  "--service-cluster-ip-range", "10.233.240.0/24", "--endpoint-reconciler-type", "none",
-                 "--profiling=false", "--v", "1"],
-                os.path.join(workdir, "kube-apiserver.log"))
-    record("kube-apiserver", pid)
-    ctx = ssl.create_default_context(cafile=crt)
-
-    def ready() -> bool:
-        req = urllib.request.Request(f"{server}/readyz", headers={"Authorization": f"Bearer {TOKEN}"})
-        return urllib.request.urlopen(req, timeout=5, context=ctx).status == 200
-
-    _wait(ready, 240, f"kube-apiserver /readyz (see {workdir}/kube-apiserver.log)", pid)
+                 "--profiling=false", "--v", "1"]
+    info = {"server": server, "ca": crt, "argv": argv, "log": os.path.join(workdir, "kube-apiserver.log")}
+    launch(info, spawn, record)
     kubeconfig = os.path.join(workdir, "kubeconfig")
     with open(kubeconfig, "w") as f:
         yaml.safe_dump({
@@ -133,7 +127,26 @@ def start(workdir: str, spawn, record) -> dict:
     os.chmod(kubeconfig, 0o600)
     _wait(lambda: kubectl(kubeconfig, "get", "namespace", "default", "-o", "name").returncode == 0, 120,
           "namespace default")
-    return {"server": server, "kubeconfig": kubeconfig, "ca": crt}
+    return {**info, "kubeconfig": kubeconfig}
+
+
+def ready(info: dict, timeout: float = 5.0) -> bool:
+    """The apiserver answers /readyz with 200."""
+    ctx = ssl.create_default_context(cafile=info["ca"])
+    req = urllib.request.Request(f"{info['server']}/readyz", headers={"Authorization": f"Bearer {TOKEN}"})
+    try:
+        return urllib.request.urlopen(req, timeout=timeout, context=ctx).status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def launch(info: dict, spawn, record, timeout: float = 240) -> int:
+    """Start kube-apiserver from ``info`` (``start``'s argv, same port and data); returns once ready.
+    Also how the lab brings it back after stopping it (the churn benchmark's outage)."""
+    pid = spawn(info["argv"], info["log"])
+    record("kube-apiserver", pid)
+    _wait(lambda: ready(info), timeout, f"kube-apiserver /readyz (see {info['log']})", pid)
+    return pid
 
 
 def _as_json_list(docs: list[dict]) -> str:

@@ -14,6 +14,12 @@ Layout of a lab called NAME (nothing of it exists outside its own namespaces):
   state  /var/run/policy-agent-lab/NAME/ state.json, pool.json, conflist, manifests/ (the agent's
                                          manifest directory), endpoints/, endpoint-status/, logs
 
+  provider  ``lab up --provider ec2``: vpcip-ipamd gets ENIs and addresses from an EC2 EMULATOR
+             (policy_agent/lab/ec2emu.py: moto's EC2 server + an IMDSv2 server, run inside the
+             node netns; never AWS), an m5.large in subnet 10.233.0.0/20; an attach makes a veth
+             with the ENI's MAC appear in the node netns (ens<5+device>), which ipamd plumbs.
+             Remote pods stay reachable from pods on secondary ENIs by rule 1535 (AWS's
+             "excluded CIDRs to main" slot).
   processes  vpcip-ipamd (in the node netns), one answer server per pod (in its netns), the agent
              (root netns, `policy-agent run --netns palab-NAME.node`, HTTP on a free 127.0.0.1
              port) and, with --apiserver, etcd + kube-apiserver (free 127.0.0.1 ports); their
@@ -52,8 +58,10 @@ from policy_agent.shared.naming import veth_suffix
 log = structlog.get_logger(__name__)
 
 STATE_ROOT = "/var/run/policy-agent-lab"
+LAB_POD_NETWORKS = "10.233.0.0/16,fd00:233::/64"
 NETNS_ROOT_PREFIX = "palab-"
 REMOTE_IFACE_PREFIX = "rmt"
+REMOTE_POD_CIDR = "10.233.96.0/24"
 METRICS_PORT = 9909
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
@@ -107,11 +115,13 @@ def load_docs(paths: Iterable[str]) -> list[dict]:
         except yaml.YAMLError as exc:
             raise LabError(f"{path}: not valid YAML: {exc}") from None
     for d in docs:
-        if not isinstance(d, dict) or d.get("kind") not in ("Namespace", "Pod", "NetworkPolicy"):
+        if not isinstance(d, dict) or d.get("kind") not in LAB_KINDS:
             kind = d.get("kind") if isinstance(d, dict) else type(d).__name__
-            raise LabError(f"unsupported object kind {kind!r} (the lab takes Namespace, Pod, NetworkPolicy)")
+            raise LabError(f"unsupported object kind {kind!r} (the lab takes {', '.join(LAB_KINDS)})")
         d.setdefault("metadata", {})
-        if d["kind"] != "Namespace":
+        if d["kind"] in CLUSTER_SCOPED:
+            d["metadata"].pop("namespace", None)
+        else:
             d["metadata"].setdefault("namespace", "default")
         try:
             parse_object(d)  # the agent's own validation, so errors show here, naming the field
@@ -120,10 +130,14 @@ def load_docs(paths: Iterable[str]) -> list[dict]:
     return docs
 
 
+LAB_KINDS = ("Namespace", "Pod", "NetworkPolicy", "ClusterNetworkPolicy", "Node")
+CLUSTER_SCOPED = ("Namespace", "ClusterNetworkPolicy", "Node")
+
+
 def obj_key(d: dict) -> str:
     m = d["metadata"]
-    if d["kind"] == "Namespace":
-        return f"Namespace/{m['name']}"
+    if d["kind"] in CLUSTER_SCOPED:
+        return f"{d['kind']}/{m['name']}"
     return f"{d['kind']}/{m.get('namespace', 'default')}/{m['name']}"
 
 
@@ -182,14 +196,22 @@ class Lab:
         self.objects: dict[str, dict] = {}  # obj_key -> the object as given (plus lab fields for pods)
         self.pods: dict[str, PodState] = {}  # "ns/pod" -> state
         self.pids: dict[str, int] = {}  # "ipamd", "agent"
+        self.provider = "static"  # or "ec2": the EC2 emulator (ec2emu) behind vpcip-ipamd
+        self.ec2: dict | None = None  # the emulator's {"ec2", "imds", "node", ...} with --provider ec2
         self.agent = True
         self.metrics_port = METRICS_PORT
-        self.apiserver: dict | None = None  # {"server", "kubeconfig", "ca"} with lab up --apiserver
+        self.apiserver: dict | None = None  # {"server", "kubeconfig", "ca", "argv", "log"} with lab up --apiserver
+        self.last_publish_time = 0.0  # wall time the last apply() had handed its objects to the agent's source
 
     # --- paths ------------------------------------------------------------------------
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.dir, *parts)
+
+    @property
+    def flow_log_path(self) -> str:
+        """The agent's flow verdict log (`policy-agent flows --file PATH`)."""
+        return self.path("flows.jsonl")
 
     @property
     def manifests(self) -> str:
@@ -201,6 +223,7 @@ class Lab:
         data = {
             "name": self.name, "node": self.node, "node_netns": self.node_netns, "agent": self.agent,
             "metrics_port": self.metrics_port, "pids": self.pids, "objects": self.objects, "apiserver": self.apiserver,
+            "provider": self.provider, "ec2": self.ec2,
             "pods": {k: vars(p) for k, p in self.pods.items()},
         }
         ep.atomic_write(self.path("state.json"), json.dumps(data, indent=1, sort_keys=True))
@@ -217,13 +240,16 @@ class Lab:
         lab.metrics_port = data.get("metrics_port", METRICS_PORT)
         lab.pids = data.get("pids", {})
         lab.apiserver = data.get("apiserver")
+        lab.provider = data.get("provider", "static")
+        lab.ec2 = data.get("ec2")
         lab.objects = data.get("objects", {})
         lab.pods = {k: PodState(**v) for k, v in data.get("pods", {}).items()}
         return lab
 
     # --- up / down ---------------------------------------------------------------------
 
-    def up(self, docs: list[dict], agent: bool = True, timeout: float = 120.0, apiserver: bool = False) -> None:
+    def up(self, docs: list[dict], agent: bool = True, timeout: float = 120.0, apiserver: bool = False,
+           provider: str = "static") -> None:
         """Build the lab from Namespaces and Pods (and optionally NetworkPolicies).
 
         With ``apiserver``: etcd + kube-apiserver are started, the objects are created
@@ -231,6 +257,9 @@ class Lab:
         if os.path.exists(self.path("state.json")) or netns.list_names(netns_prefix(self.name)):
             raise LabError(f"lab {self.name!r} exists already: `policy-agent lab down --name {self.name}` first")
         self.agent = agent
+        if provider not in ("static", "ec2"):
+            raise LabError(f"--provider {provider!r}: the lab runs 'static' (a pool file) or 'ec2' (the EC2 emulator)")
+        self.provider = provider
         os.makedirs(self.dir, exist_ok=True)
         for sub in ("manifests", "endpoints", "endpoint-status", "ipam", "logs"):
             os.makedirs(self.path(sub), exist_ok=True)
@@ -279,7 +308,7 @@ class Lab:
             return
         from policy_agent.lab import apiserver as api
 
-        order = {"Namespace": 0, "Pod": 1, "NetworkPolicy": 2}
+        order = {"Namespace": 0, "Node": 0, "Pod": 1, "NetworkPolicy": 2, "ClusterNetworkPolicy": 2}
         kc = self.apiserver["kubeconfig"]
         try:
             if deleted:
@@ -310,16 +339,57 @@ class Lab:
         return subprocess.call([api.kubectl_bin(), "--kubeconfig", self.apiserver["kubeconfig"], *args])
 
     def _start_ipamd(self) -> None:
-        with open(self.path("pool.json"), "w") as f:
-            json.dump(_pool(), f, indent=1)
         sock = self.path("ipamd.sock")
         argv = ["ip", "netns", "exec", self.node_netns, _bin("vpcip-ipamd"), "--socket", sock,
-                "--state-dir", self.path("ipam"), "--pool-file", self.path("pool.json"),
-                "--log-format", "json", "--cooldown-seconds", "0"]
-        self.pids["ipamd"] = _spawn(argv, self.path("logs", "ipamd.log"))
+                "--state-dir", self.path("ipam"), "--log-format", "json", "--cooldown-seconds", "0"]
+        env = None
+        if self.provider == "ec2":
+            self._start_ec2emu()
+            from policy_agent.lab.ec2emu import client_env
+
+            env = {**os.environ, **client_env(self.ec2["ec2"], self.ec2["imds"])}
+            argv += ["--provider", "ec2", "--cluster-name", self.node, "--pool-interval", "1"]
+        else:
+            with open(self.path("pool.json"), "w") as f:
+                json.dump(_pool(), f, indent=1)
+            argv += ["--pool-file", self.path("pool.json")]
+        self.pids["ipamd"] = _spawn(argv, self.path("logs", "ipamd.log"), env=env)
         self.save()
-        _wait_for(lambda: os.path.exists(sock), 30, f"vpcip-ipamd socket {sock} (see {self.path('logs', 'ipamd.log')})",
+        # Connect, not exists(): after a kill -9 the old socket file is still there.
+        _wait_for(lambda: _unix_answers(sock), 30, f"vpcip-ipamd socket {sock} (see {self.path('logs', 'ipamd.log')})",
                   alive=self.pids["ipamd"])
+
+    def _start_ec2emu(self) -> None:
+        """The EC2 EMULATOR (moto + IMDSv2, ec2emu.py) inside the node netns, once per lab."""
+        if self.ec2 is not None and _PROCESS_MARK["ec2emu"] in _cmdline(self.pids.get("ec2emu", 0)):
+            return
+        try:
+            import moto  # noqa: F401 - the emulator's one dependency (the `test` extra)
+        except ImportError:
+            raise LabError("lab up --provider ec2 needs moto (pip install '.[test]'): it emulates EC2") from None
+        out = self.path("ec2emu.json")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out)
+        argv = ["ip", "netns", "exec", self.node_netns, sys.executable, "-m", "policy_agent.lab.ec2emu", "serve",
+                "--out", out, "--hotplug"]
+        self.pids["ec2emu"] = _spawn(argv, self.path("logs", "ec2emu.log"), cwd=netns._project_root())
+        self.save()
+        _wait_for(lambda: os.path.exists(out), 60, f"the EC2 emulator (see {self.path('logs', 'ec2emu.log')})",
+                  alive=self.pids["ec2emu"])
+        with open(out) as f:
+            self.ec2 = json.load(f)
+        # Pods on secondary ENIs route by their ENI's table; the lab's remote pods live on
+        # veths of the node netns (main), so they are an "excluded CIDR" (AWS rule 1535).
+        netns.ip(self.node_netns, "rule", "add", "to", REMOTE_POD_CIDR, "lookup", "main", "priority", "1535")
+        self.save()
+
+    def ec2_enis(self) -> list[dict]:
+        """The ENIs the EC2 emulator reports attached to the lab's instance (DescribeNetworkInterfaces)."""
+        if self.ec2 is None:
+            raise LabError(f"lab {self.name} runs the static provider (lab up --provider ec2 for EC2)")
+        proc = netns.run(self.node_netns, sys.executable, "-m", "policy_agent.lab.ec2emu", "describe",
+                         "--ec2", self.ec2["ec2"], "--instance", self.ec2["node"]["instance_id"], timeout=60)
+        return json.loads(proc.stdout)
 
     def _write_conflist(self) -> None:
         conf = {
@@ -363,7 +433,7 @@ class Lab:
                            f"{out.get('msg')} {out.get('details', '')} {proc.stderr.strip()}".strip())
         return out
 
-    def _add_pod(self, d: dict) -> PodState:
+    def _add_pod(self, d: dict, on_wired=None) -> PodState:
         ns, name = d["metadata"]["namespace"], d["metadata"]["name"]
         spec = d.setdefault("spec", {})
         remote = bool(spec.get("nodeName")) and spec["nodeName"] != self.node
@@ -384,6 +454,8 @@ class Lab:
                 raise LabError(f"vpcip-cni ADD for pod {pod.ref} returned no address: {result}")
         self.pods[pod.ref] = pod
         self.save()
+        if on_wired is not None:
+            on_wired(pod)  # the pod's interface exists, its server does not yet, the agent does not know it
         tcp, udp = _pod_ports(d)
         if tcp or udp:
             srv = netns.start_server(pod.netns, tcp, udp, log_path=self.path("logs", f"server.{ns}.{name}.log"),
@@ -466,7 +538,11 @@ class Lab:
                 "--netns", self.node_netns,
                 "--endpoint-dir", self.path("endpoints"), "--status-dir", self.path("endpoint-status"),
                 "--metrics-port", str(self.metrics_port), "--metrics-bind", "127.0.0.1",
-                "--min-apply-interval", "0.02", "--refresh-interval", "30"]
+                "--min-apply-interval", "0.02", "--refresh-interval", "30",
+                # Every lab address (local pool, remote pods) is in these: anything else is refused.
+                "--pod-networks", LAB_POD_NETWORKS,
+                # Flow verdicts stay in the lab's own directory (gone with `lab down`).
+                "--flow-log-file", self.flow_log_path]
         self.pids["agent"] = _spawn(argv, self.path("logs", "agent.log"))
         self.save()
 
@@ -480,13 +556,23 @@ class Lab:
         finally:
             conn.close()
 
+    def _status_socket(self) -> str:
+        from policy_agent.obs.server import status_socket_path
+
+        return status_socket_path(netns=self.node_netns)
+
     def agent_status(self) -> dict | None:
+        """The agent's /status: on its root-only Unix socket (TCP serves it only with
+        status_over_tcp, which the lab does not set)."""
         if not self.agent:
             return None
         try:
-            code, body = self.http_get("/status")
-        except OSError:
-            return None
+            code, body = _unix_get(self._status_socket(), "/status")
+        except (OSError, ValueError, ImportError):
+            try:
+                code, body = self.http_get("/status")  # an agent that serves it on TCP
+            except OSError:
+                return None
         if code == 200:
             with contextlib.suppress(ValueError):
                 return json.loads(body)
@@ -515,6 +601,55 @@ class Lab:
     def wait_in_sync(self, timeout: float = 120.0) -> None:
         _wait_for(self.in_sync, timeout, f"agent of lab {self.name} to report in sync (see {self.path('logs', 'agent.log')})",
                   alive=self.pids.get("agent"))
+
+    # --- stopping and starting the lab's own processes (the churn benchmark) -------------
+
+    def kill(self, key: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send ``sig`` to this lab's ``key`` process ("agent", "ipamd", "kube-apiserver", "etcd"),
+        found by its pid in state.json after checking its command line, and wait until it is
+        gone. Returns the pid. Never looks a process up by name."""
+        pid = self.pids.get(key, 0)
+        mark = _PROCESS_MARK.get(key)
+        if mark is None:
+            raise LabError(f"lab {self.name}: no process called {key!r} (have {', '.join(_PROCESS_MARK)})")
+        if not pid or mark not in _cmdline(pid):
+            raise LabError(f"lab {self.name}: {key} is not running (pid {pid or 'none'})")
+        os.kill(pid, sig)
+        _wait_for(lambda: not netns._alive(pid), timeout,
+                  f"{key} of lab {self.name} (pid {pid}) to exit after {signal.Signals(sig).name}")
+        log.info("lab_process_killed", lab=self.name, process=key, pid=pid, signal=signal.Signals(sig).name)
+        return pid
+
+    def start(self, key: str, timeout: float = 120.0) -> int:
+        """Start this lab's ``key`` process again after ``kill`` (same settings, same state
+        directory); returns its new pid once it serves (the agent: once in sync)."""
+        if key == "agent":
+            if not self.agent:
+                raise LabError(f"lab {self.name} runs without the agent")
+            self._start_agent()
+            self.wait_in_sync(timeout)
+        elif key == "ipamd":
+            self._start_ipamd()
+        elif key == "ec2emu":
+            raise LabError(f"lab {self.name}: the EC2 emulator holds EC2's state in memory; it cannot restart")
+        elif key == "kube-apiserver":
+            from policy_agent.lab import apiserver as api
+
+            if self.apiserver is None or "argv" not in self.apiserver:
+                raise LabError(f"lab {self.name} has no apiserver to start again")
+
+            def record(k: str, pid: int) -> None:
+                self.pids[k] = pid
+                self.save()
+
+            try:
+                api.launch(self.apiserver, _spawn, record, timeout)
+            except api.ApiserverError as exc:
+                raise LabError(f"apiserver: {exc}") from None
+        else:
+            raise LabError(f"lab {self.name}: cannot start {key!r} (agent, ipamd or kube-apiserver)")
+        log.info("lab_process_started", lab=self.name, process=key, pid=self.pids[key])
+        return self.pids[key]
 
     def observed_generation(self) -> int | None:
         """The agent's count of store changes so far (None: agent down or too old to say)."""
@@ -555,7 +690,8 @@ class Lab:
         if self.apiserver is not None:
             return True
         counts = st.get("counts") or {}
-        for kind, key in (("Namespace", "namespaces"), ("Pod", "pods"), ("NetworkPolicy", "policies")):
+        for kind, key in (("Namespace", "namespaces"), ("Pod", "pods"), ("NetworkPolicy", "policies"),
+                          ("ClusterNetworkPolicy", "cluster_policies"), ("Node", "nodes")):
             want = sum(1 for k in self.objects if k.startswith(kind + "/"))
             if key in counts and counts[key] != want:
                 return False
@@ -563,8 +699,11 @@ class Lab:
 
     # --- changes ------------------------------------------------------------------------
 
-    def apply(self, docs: list[dict], timeout: float = 60.0) -> list[str]:
-        """Add or change objects; pods new to the lab are wired and served. Returns what changed."""
+    def apply(self, docs: list[dict], timeout: float = 60.0, on_wired=None) -> list[str]:
+        """Add or change objects; pods new to the lab are wired and served. Returns what changed.
+
+        ``on_wired(pod)`` is called for each new pod as soon as its CNI ADD returned, before
+        its server starts and before the agent is told (the churn benchmark probes from then)."""
         changed = []
         for d in docs:
             key = obj_key(d)
@@ -574,7 +713,11 @@ class Lab:
                 old = self.objects.get(key)
                 if ref not in self.pods:
                     self.objects[key] = d
-                    self._add_pod(d)
+                    self._add_pod(d, on_wired)
+                    # Changed by definition (the comparison below would see the object just
+                    # stored): without this an apiserver lab never created the new pod's object.
+                    changed.append(key)
+                    continue
                 elif old is not None and (_pod_ports(old) != _pod_ports(d) or
                                           (old.get("spec") or {}).get("nodeName") != (d.get("spec") or {}).get("nodeName")):
                     raise LabError(f"Pod {ref}: only labels can change on a running lab pod (delete and re-add it)")
@@ -583,6 +726,7 @@ class Lab:
             self.objects[key] = d
         since, gen = time.time(), self.observed_generation()
         self._publish([d for d in docs if obj_key(d) in changed])
+        self.last_publish_time = time.time()
         self.save()
         if changed:
             self.wait_enforced(since, timeout, gen)
@@ -599,11 +743,13 @@ class Lab:
             removed.append(key)
             if d["kind"] == "Namespace":
                 ns = d["metadata"]["name"]
-                for k in [k for k in self.objects if k.split("/")[1] == ns and not k.startswith("Namespace/")]:
+                for k in [k for k in self.objects
+                          if k.split("/")[1] == ns and k.split("/")[0] not in CLUSTER_SCOPED]:
                     gone.append(self.objects.pop(k))
                     removed.append(k)
         since, gen = time.time(), self.observed_generation()
         self._publish([], gone)  # objects first, then the pods' interfaces (CNI DEL) go
+        self.last_publish_time = time.time()
         self.save()
         for k in removed:
             if k.startswith("Pod/"):
@@ -653,6 +799,7 @@ class Lab:
             "name": self.name,
             "node": self.node,
             "node_netns": self.node_netns,
+            "provider": self.provider,
             "in_sync": self.in_sync(),
             "pods": [
                 {"namespace": p.namespace, "name": p.name, "netns": p.netns, "interface": p.interface,
@@ -665,6 +812,43 @@ class Lab:
 # --- process helpers ------------------------------------------------------------------
 
 
+_PROCESS_MARK = {"agent": "policy-agent", "ipamd": "vpcip-ipamd", "kube-apiserver": "kube-apiserver", "etcd": "etcd",
+                 "ec2emu": "policy_agent.lab.ec2emu"}
+
+
+def _unix_answers(path: str) -> bool:
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _unix_get(path: str, url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """GET ``url`` over HTTP on the Unix socket at ``path``."""
+    import socket
+
+    class _Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+
+    conn = _Conn("localhost", timeout=timeout)
+    try:
+        conn.request("GET", url)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
 def _free_port() -> int:
     import socket
 
@@ -673,10 +857,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(argv: list[str], log_path: str) -> int:
+def _spawn(argv: list[str], log_path: str, env: dict | None = None, cwd: str | None = None) -> int:
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, env=env, cwd=cwd)
     return proc.pid
 
 
@@ -732,6 +916,7 @@ def down(name: str = "default") -> list[str]:
                 with contextlib.suppress(Exception):
                     lab._cni("DEL", pod)
         _stop_pid(lab.pids.get("ipamd", 0), "vpcip-ipamd")
+        _stop_pid(lab.pids.get("ec2emu", 0), _PROCESS_MARK["ec2emu"])
         _stop_pid(lab.pids.get("kube-apiserver", 0), "kube-apiserver")
         _stop_pid(lab.pids.get("etcd", 0), "etcd")
     removed = netns.cleanup_prefix(prefix)
@@ -740,6 +925,11 @@ def down(name: str = "default") -> list[str]:
 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(default_state_path(prefix + "node"))
+    with contextlib.suppress(Exception):  # the agent's status socket, left behind by a SIGKILL
+        from policy_agent.obs.server import status_socket_path
+
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(status_socket_path(netns=prefix + "node"))
     if os.path.isdir(sdir):
         shutil.rmtree(sdir, ignore_errors=True)
     log.info("lab_down", lab=name, netns_removed=len(removed))

@@ -26,17 +26,26 @@ Decisions where the API server is looser or stricter than one might expect:
   false): a string ``"true"`` is rejected, as the API server rejects it. Taking
   its truthiness would make ``"false"`` a host-network pod, exempt from policy.
 
-Trust note on pod IPs: ``status.podIPs``/``status.podIP`` are written by the
-kubelet (node credentials). The AWS VPC CNI annotation
-``vpc.amazonaws.com/pod-ips`` is only a fallback while status has no IP yet, and
-it is user-writable: anyone who may update the pod's metadata can put any
-address there. It is therefore never consulted (not even parsed) once status
-reports an IP, and on this node the CNI endpoint record overrides both (see
-policy_agent.store). A forged annotation can at most misdescribe a pod that has
-no status IP yet, for peers' ipsets.
+Trust note on pod IPs (docs/decisions/pod-ip-trust.md): ``status.podIPs`` and
+``status.podIP`` are written by the kubelet (node credentials); the AWS VPC CNI
+annotation ``vpc.amazonaws.com/pod-ips`` is user-writable (anyone with "edit"
+on the pod). The annotation is therefore read only when a ``PodIPPolicy`` says
+``trust_annotation`` (setting trust_pod_ips_annotation, default off), only while
+status names no address, and each of its addresses only inside the policy's
+``networks`` (which trust requires). Every address, whatever its field, must
+pass ``pod_ip_problem``: unspecified, loopback, multicast, link-local and (when
+pod networks are set) outside addresses are left out of the pod and recorded in
+``Pod.rejected_ips`` (path, address, reason) for the agent to report; the pod
+keeps its labels and other addresses. IPv4-mapped IPv6 is unwrapped to IPv4
+first. An unparseable status address is still an error of the object (the API
+server validates those); an unparseable annotation entry is only a rejection.
+On this node the CNI endpoint record overrides both, and passes the same check
+(see policy_agent.store).
 
 Hot path note: 10,000 pods go through ``parse_pod`` on a relist, so regexes are
-compiled once at import and the common case does no extra allocation.
+compiled once at import, accepted pod address texts are memoised per PodIPPolicy
+(the address check is integer arithmetic), and the common case does no extra
+allocation.
 """
 
 from __future__ import annotations
@@ -51,7 +60,15 @@ from policy_agent.model.types import (
     EMPTY_LABELS,
     MATCH_ALL,
     NAMESPACE_NAME_LABEL,
+    CNPAction,
+    CNPPeer,
+    CNPPort,
+    CNPRule,
+    CNPTier,
+    ClusterNetworkPolicy,
+    Node,
     ContainerPort,
+    IPAddress,
     IPBlock,
     Labels,
     LabelSelector,
@@ -61,9 +78,11 @@ from policy_agent.model.types import (
     Operator,
     Peer,
     Pod,
+    PodIPPolicy,
     PolicyPort,
     PolicyType,
     Protocol,
+    RejectedIP,
     Requirement,
     Rule,
 )
@@ -71,15 +90,22 @@ from policy_agent.model.types import (
 __all__ = [
     "AWS_POD_IPS_ANNOTATION",
     "SourcedModelError",
+    "fallback_namespace",
+    "fallback_network_policy",
+    "check_pod_ip",
     "load_yaml",
     "load_yaml_keep_going",
     "parse_labels",
+    "parse_cluster_network_policy",
     "parse_namespace",
     "parse_network_policy",
+    "parse_node",
+    "parse_network_policy_or_fallback",
     "parse_object",
     "parse_objects",
     "parse_pod",
     "parse_selector",
+    "pod_ip_problem",
 ]
 
 # The AWS VPC CNI annotates pods with their IP(s) before the kubelet reports status.
@@ -333,40 +359,123 @@ def _bool(ctx: _Ctx, value: Any, path: str) -> bool:
     return value
 
 
-def _ip(ctx: _Ctx, value: Any, path: str):
-    if not isinstance(value, str):
-        raise ctx.err(path, f"must be an IP address string, not {value!r}")
+_MAX_ACCEPTED_MEMO = 100_000
+_DEFAULT_POD_IP_POLICY = PodIPPolicy()
+
+
+def pod_ip_problem(ip: IPAddress, policy: PodIPPolicy) -> str | None:
+    """Why ``ip`` (IPv4-mapped already unwrapped) may not be a pod address, or None.
+
+    Integer tests, not ipaddress' is_* properties: this runs for every pod of a
+    relist, and each property builds or walks network objects.
+    """
+    n = int(ip)
+    if ip.version == 4:
+        top = n >> 24
+        if n == 0:
+            return "unspecified"  # in a hash:ip set the kernel refuses the whole restore
+        if top == 127:
+            return "loopback"
+        if 224 <= top < 240:
+            return "multicast"
+        if n >> 16 == 0xA9FE:
+            return "link_local"  # 169.254/16: every node's metadata/link-local range
+    else:
+        if n == 0:
+            return "unspecified"
+        if n == 1:
+            return "loopback"
+        if n >> 120 == 0xFF:
+            return "multicast"
+        if n >> 118 == 0x3FA:
+            return "link_local"  # fe80::/10
+    if policy.networks:
+        for lo, hi in policy.ranges[ip.version]:
+            if lo <= n <= hi:
+                return None
+        return "outside_pod_networks"
+    return None
+
+
+def check_pod_ip(value: Any, policy: PodIPPolicy) -> tuple[IPAddress | None, str, str]:
+    """(address, "", text) when ``value`` is an acceptable pod address, else
+    (None, reason, text). IPv4-mapped IPv6 is unwrapped to IPv4 first (the kernel
+    and ipset treat it as that address). Used for every pod IP source alike."""
+    memo = policy.accepted
+    ip = memo.get(value) if isinstance(value, str) else None
+    if ip is not None:
+        return ip, "", value
+    text = value.strip() if isinstance(value, str) else repr(value)
+    if not isinstance(value, str) or "%" in text:  # a zone index is no pod address
+        return None, "invalid", text
     try:
-        return ipaddress.ip_address(value.strip())
+        ip = ipaddress.ip_address(text)
     except ValueError:
-        raise ctx.err(path, f"{value!r} is not a valid IP address") from None
+        return None, "invalid", text
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    reason = pod_ip_problem(ip, policy)
+    if reason:
+        return None, reason, text
+    if len(memo) < _MAX_ACCEPTED_MEMO:
+        memo[value] = ip
+    return ip, "", text
 
 
-def _pod_ips(ctx: _Ctx, meta: Mapping[str, Any], status: Mapping[str, Any]) -> tuple:
+def _pod_ip(ctx: _Ctx, value: Any, path: str, policy: PodIPPolicy, rejected: list[RejectedIP]) -> Any:
+    """One status IP: unparseable is an error of the object (the API server
+    validates these, so it is not a tenant's doing); a parseable but refused one is
+    left out and recorded."""
+    ip, reason, text = check_pod_ip(value, policy)
+    if ip is not None:
+        return ip
+    if reason == "invalid":
+        if not isinstance(value, str):
+            raise ctx.err(path, f"must be an IP address string, not {value!r}")
+        raise ctx.err(path, f"{value!r} is not a valid IP address")
+    rejected.append(RejectedIP(path, text, reason))
+    return None
+
+
+def _pod_ips(
+    ctx: _Ctx, meta: Mapping[str, Any], status: Mapping[str, Any], policy: PodIPPolicy, rejected: list[RejectedIP]
+) -> tuple:
     ips: list = []
-    pod_ips = _as_list(ctx, status.get("podIPs"), "status.podIPs")
-    for i, entry in enumerate(pod_ips):
-        path = f"status.podIPs[{i}]"
-        entry = _as_map(ctx, entry, path)
-        ips.append(_ip(ctx, entry.get("ip"), f"{path}.ip"))
-    if not ips and status.get("podIP"):
-        ips.append(_ip(ctx, status.get("podIP"), "status.podIP"))
-    if not ips:  # only now: the annotation is user-writable (module docstring)
+    pod_ips = status.get("podIPs")
+    if pod_ips:
+        for i, entry in enumerate(_as_list(ctx, pod_ips, "status.podIPs")):
+            if not isinstance(entry, Mapping):
+                entry = _as_map(ctx, entry, f"status.podIPs[{i}]")  # raises, naming the entry (None -> {})
+            ip = _pod_ip(ctx, entry.get("ip"), f"status.podIPs[{i}].ip", policy, rejected)
+            if ip is not None:
+                ips.append(ip)
+    elif pod_ips is not None:
+        _as_list(ctx, pod_ips, "status.podIPs")  # a wrong type is still an error
+    if not pod_ips and status.get("podIP"):
+        ip = _pod_ip(ctx, status.get("podIP"), "status.podIP", policy, rejected)
+        if ip is not None:
+            ips.append(ip)
+    # The annotation is user-writable (module docstring): read only when trusted,
+    # only while status names no address at all (a status address that was
+    # rejected still counts: the annotation may not replace it), and each
+    # address only inside the pod networks (the policy requires them).
+    if policy.trust_annotation and not pod_ips and not status.get("podIP"):
         ann = meta.get("annotations")
         text = ann.get(AWS_POD_IPS_ANNOTATION) if isinstance(ann, Mapping) else None
         if text:
             path = f"metadata.annotations[{AWS_POD_IPS_ANNOTATION}]"
             for part in str(text).split(","):
                 if part.strip():
-                    ips.append(_ip(ctx, part, path))
-    # Deduplicate, keep order (podIP duplicated in podIPs on some kubelets).
-    seen = set()
-    out = []
-    for ip in ips:
-        if ip not in seen:
-            seen.add(ip)
-            out.append(ip)
-    return tuple(out)
+                    ip, reason, shown = check_pod_ip(part, policy)
+                    if ip is not None:
+                        ips.append(ip)
+                    else:
+                        rejected.append(RejectedIP(path, shown, reason))
+    if len(ips) < 2:
+        return tuple(ips)
+    # Deduplicate, keep order (podIP duplicated in podIPs on some kubelets; a
+    # mapped ::ffff:a.b.c.d next to a.b.c.d).
+    return tuple(dict.fromkeys(ips))
 
 
 def _container_ports(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[ContainerPort, ...]:
@@ -393,8 +502,11 @@ def _container_ports(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[ContainerPort,
     return tuple(ports)
 
 
-def parse_pod(d: Mapping[str, Any]) -> Pod:
+def parse_pod(d: Mapping[str, Any], ip_policy: PodIPPolicy | None = None) -> Pod:
+    """A Pod; its addresses pass ``ip_policy`` (default: no range, annotation untrusted)."""
     ctx, meta, ns, name = _meta("Pod", d, namespaced=True)
+    policy = ip_policy if ip_policy is not None else _DEFAULT_POD_IP_POLICY
+    rejected: list[RejectedIP] = []
     if not _is_dns_subdomain(name):
         raise ctx.err("metadata.name", f"{name!r} is not a DNS-1123 subdomain")
     spec = _as_map(ctx, d.get("spec"), "spec")
@@ -403,17 +515,20 @@ def parse_pod(d: Mapping[str, Any]) -> Pod:
     if node is not None and not isinstance(node, str):
         raise ctx.err("spec.nodeName", f"must be a string, not {node!r}")
     phase = status.get("phase")
+    labels = _labels(ctx, meta.get("labels"), "metadata.labels")
+    ips = _pod_ips(ctx, meta, status, policy, rejected)
     return Pod(
         namespace=ns,
         name=name,
-        labels=_labels(ctx, meta.get("labels"), "metadata.labels"),
+        labels=labels,
         node_name=node or None,
-        ips=_pod_ips(ctx, meta, status),
+        ips=ips,
         ports=_container_ports(ctx, spec),
         host_network=_bool(ctx, spec.get("hostNetwork"), "spec.hostNetwork"),
         phase=phase if isinstance(phase, str) else "",
         uid=_str_field(meta, "uid"),
         resource_version=_str_field(meta, "resourceVersion"),
+        rejected_ips=tuple(rejected),
     )
 
 
@@ -538,6 +653,338 @@ def parse_network_policy(d: Mapping[str, Any]) -> NetworkPolicy:
     )
 
 
+# --- NetworkPolicy fallback ---------------------------------------------------------
+#
+# An object we cannot parse must never open what it isolated (docs/decisions/
+# policy-fallback.md). The sources keep a last good version first; for an object
+# that never had one, this is what is enforced instead, in this order:
+#   a. it parses: the policy itself;
+#   b. metadata, spec.podSelector (and policyTypes) parse: the same selector and
+#      directions, NO allow rules: the pods it selects are isolated, allowed nothing;
+#   c. the podSelector cannot be read: podSelector {} (the whole namespace), same;
+#   d. namespace/name unusable: nothing can be keyed (None); the error is reported.
+#      Never the case for an object from the API server, which validates both.
+# Directions: a policyTypes that parses (non-empty) is taken as written. Absent or
+# empty, the API's defaulting, conservatively: Ingress, plus Egress if the spec has
+# an ``egress`` key at all (the API checks for rules; an unparseable egress list may
+# hold some). Present but unreadable (a typo, a wrong type) or no readable spec:
+# both directions, as such an object may name either.
+
+
+def _fallback_types(spec: Any) -> tuple[PolicyType, ...]:
+    both = (PolicyType.INGRESS, PolicyType.EGRESS)
+    if not isinstance(spec, Mapping):
+        return both
+    raw = spec.get("policyTypes")
+    if raw is None or raw == []:
+        return both if "egress" in spec else (PolicyType.INGRESS,)
+    if not isinstance(raw, list):
+        return both
+    types = set()
+    for t in raw:
+        pt = _POLICY_TYPES.get(t) if isinstance(t, str) else None
+        if pt is None:
+            return both
+        types.add(pt)
+    return tuple(t for t in both if t in types)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, ModelError):
+        return f"{error.field_path}: {error.message}" if error.field_path else error.message
+    return f"{type(error).__name__}: {error}"
+
+
+def fallback_network_policy(d: Any, error: BaseException) -> NetworkPolicy | None:
+    """The no-allow stand-in for a NetworkPolicy dict that failed to parse with ``error``
+    (cases b, c, d above); None when it cannot be keyed by namespace/name."""
+    try:
+        ctx, meta, ns, name = _meta("NetworkPolicy", d, namespaced=True)
+    except ModelError:
+        return None
+    if not _is_dns_subdomain(name):
+        return None
+    spec = d.get("spec")
+    reason = _reason(error)
+    try:
+        if spec is not None and not isinstance(spec, Mapping):
+            raise ctx.err("spec", f"must be a mapping, not {type(spec).__name__}")
+        selector = _selector(ctx, (spec or {}).get("podSelector"), "spec.podSelector")
+    except ModelError as exc:
+        selector = MATCH_ALL
+        if exc.field_path != getattr(error, "field_path", None):
+            reason += f"; {_reason(exc)}"
+        reason += " (podSelector unreadable: isolating the whole namespace)"
+    return NetworkPolicy(
+        namespace=ns,
+        name=name,
+        pod_selector=selector,
+        policy_types=_fallback_types(spec if spec is not None else {}),
+        resource_version=_str_field(meta, "resourceVersion"),
+        fallback_reason=reason,
+    )
+
+
+def parse_network_policy_or_fallback(d: Any) -> tuple[NetworkPolicy | None, ModelError | None]:
+    """(policy, None) when ``d`` parses; else (fallback or None, the error). See above."""
+    try:
+        return parse_network_policy(d), None
+    except ModelError as err:
+        return fallback_network_policy(d, err), err
+
+
+# A label value no selector can name (selector values are validated): stands for a
+# value we could not read.
+UNREADABLE_LABEL_VALUE = "<unreadable>"
+
+
+def fallback_namespace(d: Any) -> Namespace | None:
+    """A Namespace whose labels failed to parse, matched as the object itself would be.
+
+    Dropping it would not do: a pod whose Namespace is unknown is matched with the
+    name label only, so a ``NotIn``/``DoesNotExist`` namespaceSelector that the real
+    labels fail would match (wider). Instead: valid labels as written; a valid key
+    with an invalid value gets UNREADABLE_LABEL_VALUE (which, like the real value,
+    no selector can name: In false, NotIn/Exists true); an invalid key is left out
+    (no selector can name it either). None when the name is unusable or the labels
+    are not a mapping at all (then nothing is known; see the decision doc).
+    """
+    try:
+        _ctx, meta, _, name = _meta("Namespace", d, namespaced=False)
+    except ModelError:
+        return None
+    raw = meta.get("labels")
+    if not _is_dns_label(name) or (raw is not None and not isinstance(raw, Mapping)):
+        return None
+    labels: dict[str, str] = {}
+    for k, v in (raw or {}).items():
+        if _label_key_problem(k) is None:
+            labels[k] = v if _label_value_problem(v) is None else UNREADABLE_LABEL_VALUE
+    labels[NAMESPACE_NAME_LABEL] = name
+    return Namespace(name=name, labels=Labels(labels), resource_version=_str_field(meta, "resourceVersion"))
+
+
+# --- ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2) --------------------------
+#
+# Validation follows the CRD schema of apis/v1alpha2/clusternetworkpolicy_types.go
+# (docs/decisions/cluster-network-policy.md): what the API server would reject we
+# reject, naming the field; what it accepts we accept. Two places where the API asks
+# the implementation to decide:
+# - a peer that sets no field we know (a newer CRD with a new peer type) is kept as
+#   kind "unknown" and enforced fail-closed (Accept: matches nothing; Deny/Pass: the
+#   whole rule denies everything), as the API's peer documentation says;
+# - ``networks`` CIDRs with host bits set are normalised (strict=False), as ipBlock.
+
+CNP_API_VERSION = "policy.networking.k8s.io/v1alpha2"
+CNP_MAX_RULES = 25  # ingress/egress rules per policy; peers, protocols, networks per rule
+CNP_MAX_PRIORITY = 1000
+CNP_RULE_NAME_MAX = 100
+_TIERS = {t.value: t for t in CNPTier}
+_ACTIONS = {a.value: a for a in CNPAction}
+_DOMAIN_RE = re.compile(
+    r"^(\*\.)?([a-zA-Z0-9]([-a-zA-Z0-9_]*[a-zA-Z0-9])?\.)+[a-zA-Z0-9]([-a-zA-Z0-9_]*[a-zA-Z0-9])?\.?$"
+)
+
+
+def _bounded_list(ctx: _Ctx, value: Any, path: str, required: bool, limit: int = CNP_MAX_RULES) -> list[Any]:
+    """A list with MinItems=1 (when present or required) and MaxItems=limit."""
+    if value is None:
+        if required:
+            raise ctx.err(path, "is required (at least one item)")
+        return []
+    items = _as_list(ctx, value, path)
+    if not items:
+        raise ctx.err(path, "must have at least one item" if required else "must have at least one item, or be left out")
+    if len(items) > limit:
+        raise ctx.err(path, f"has {len(items)} items, at most {limit} are allowed")
+    return items
+
+
+def _one_of(ctx: _Ctx, m: Mapping[str, Any], path: str, known: tuple[str, ...]) -> list[str]:
+    """The known keys set (non-null) in m; more than one is an error (MaxProperties=1)."""
+    present = [k for k in known if m.get(k) is not None]
+    if len(present) > 1:
+        raise ctx.err(path, f"exactly one of {', '.join(known)} may be set, not {', '.join(present)}")
+    return present
+
+
+def _namespaced_pod(ctx: _Ctx, value: Any, path: str) -> tuple[LabelSelector, LabelSelector]:
+    m = _as_map(ctx, value, path)
+    if m.get("podSelector") is None:
+        raise ctx.err(f"{path}.podSelector", "is required ({} selects every pod)")
+    ns_sel = _selector(ctx, m.get("namespaceSelector"), f"{path}.namespaceSelector")
+    return ns_sel, _selector(ctx, m["podSelector"], f"{path}.podSelector")
+
+
+def _cnp_destination_port(ctx: _Ctx, value: Any, path: str) -> tuple[int, int]:
+    m = _as_map(ctx, value, path)
+    present = _one_of(ctx, m, path, ("number", "range"))
+    if not present:
+        raise ctx.err(path, "must set number or range")
+    if present[0] == "number":
+        n = _port_number(ctx, m["number"], f"{path}.number")
+        return n, n
+    r = _as_map(ctx, m["range"], f"{path}.range")
+    for k in ("start", "end"):
+        if r.get(k) is None:
+            raise ctx.err(f"{path}.range.{k}", "is required")
+    start = _port_number(ctx, r["start"], f"{path}.range.start")
+    end = _port_number(ctx, r["end"], f"{path}.range.end")
+    if not start < end:
+        raise ctx.err(f"{path}.range", f"start {start} must be less than end {end}")
+    return start, end
+
+
+def _cnp_port(ctx: _Ctx, value: Any, path: str) -> CNPPort:
+    m = _as_map(ctx, value, path)
+    present = _one_of(ctx, m, path, ("tcp", "udp", "sctp", "destinationNamedPort"))
+    if not present:
+        raise ctx.err(path, "must set one of tcp, udp, sctp, destinationNamedPort")
+    key = present[0]
+    if key == "destinationNamedPort":
+        name = m[key]
+        if not isinstance(name, str) or not name:
+            raise ctx.err(f"{path}.destinationNamedPort", f"must be a non-empty string, not {name!r}")
+        return CNPPort(named_port=name)
+    proto = _PROTOCOLS[key.upper()]
+    inner = _as_map(ctx, m[key], f"{path}.{key}")
+    if inner.get("destinationPort") is None:
+        raise ctx.err(f"{path}.{key}.destinationPort", "is required (the CRD needs at least one property)")
+    start, end = _cnp_destination_port(ctx, inner["destinationPort"], f"{path}.{key}.destinationPort")
+    return CNPPort(proto, start, end)
+
+
+def _cnp_peer(ctx: _Ctx, value: Any, path: str, egress: bool) -> CNPPeer:
+    m = _as_map(ctx, value, path)
+    known = ("namespaces", "pods", "nodes", "networks", "domainNames") if egress else ("namespaces", "pods")
+    present = _one_of(ctx, m, path, known)
+    if not present:
+        # A peer type we do not know (a newer CRD): the API says fail closed.
+        return CNPPeer("unknown")
+    kind = present[0]
+    if kind == "namespaces":
+        return CNPPeer(kind, namespace_selector=_selector(ctx, m[kind], f"{path}.namespaces"))
+    if kind == "pods":
+        ns_sel, pod_sel = _namespaced_pod(ctx, m[kind], f"{path}.pods")
+        return CNPPeer(kind, namespace_selector=ns_sel, pod_selector=pod_sel)
+    if kind == "nodes":
+        return CNPPeer(kind, node_selector=_selector(ctx, m[kind], f"{path}.nodes"))
+    if kind == "networks":
+        nets = []
+        for i, c in enumerate(_bounded_list(ctx, m[kind], f"{path}.networks", required=True)):
+            if isinstance(c, str) and len(c) > 43:
+                raise ctx.err(f"{path}.networks[{i}]", "is longer than 43 characters")
+            nets.append(_cidr(ctx, c, f"{path}.networks[{i}]"))
+        # A set: order carries no meaning; equal after normalisation = one entry.
+        uniq = sorted(set(nets), key=lambda n: (n.version, int(n.network_address), n.prefixlen))
+        return CNPPeer(kind, networks=tuple(uniq))
+    names = []
+    for i, d in enumerate(_bounded_list(ctx, m[kind], f"{path}.domainNames", required=True)):
+        if not isinstance(d, str) or not _DOMAIN_RE.match(d):
+            raise ctx.err(f"{path}.domainNames[{i}]", f"{d!r} is not a domain name (an optional '*.' prefix only)")
+        names.append(d)
+    return CNPPeer(kind, domain_names=tuple(sorted(set(names))))
+
+
+def _cnp_rules(ctx: _Ctx, value: Any, path: str, egress: bool) -> tuple[CNPRule, ...]:
+    out = []
+    peers_key = "to" if egress else "from"
+    for i, r in enumerate(_bounded_list(ctx, value, path, required=False)):
+        rpath = f"{path}[{i}]"
+        r = _as_map(ctx, r, rpath)
+        name = r.get("name") or ""
+        if not isinstance(name, str):
+            raise ctx.err(f"{rpath}.name", f"must be a string, not {type(name).__name__}")
+        if len(name) > CNP_RULE_NAME_MAX:
+            raise ctx.err(f"{rpath}.name", f"is {len(name)} characters long, at most {CNP_RULE_NAME_MAX}")
+        action_text = r.get("action")
+        action = _ACTIONS.get(action_text) if isinstance(action_text, str) else None
+        if action is None:
+            raise ctx.err(f"{rpath}.action", f"must be Accept, Deny or Pass, not {action_text!r}")
+        peers = tuple(
+            _cnp_peer(ctx, p, f"{rpath}.{peers_key}[{j}]", egress)
+            for j, p in enumerate(_bounded_list(ctx, r.get(peers_key), f"{rpath}.{peers_key}", required=True))
+        )
+        ports = tuple(
+            _cnp_port(ctx, p, f"{rpath}.protocols[{j}]")
+            for j, p in enumerate(_bounded_list(ctx, r.get("protocols"), f"{rpath}.protocols", required=False))
+        )
+        if egress and any(p.named_port for p in ports) and any(
+            p.kind in ("networks", "nodes", "domainNames") for p in peers
+        ):
+            raise ctx.err(
+                f"{rpath}",
+                "networks/nodes/domainNames peer cannot be set with destinationNamedPort "
+                "since there are no named ports for networks/nodes/domainNames",
+            )
+        out.append(CNPRule(action, name, peers, ports))
+    return tuple(out)
+
+
+def parse_cluster_network_policy(d: Mapping[str, Any]) -> ClusterNetworkPolicy:
+    ctx, meta, _, name = _meta("ClusterNetworkPolicy", d, namespaced=False)
+    if not _is_dns_subdomain(name):
+        raise ctx.err("metadata.name", f"{name!r} is not a DNS-1123 subdomain")
+    spec = _as_map(ctx, d.get("spec"), "spec")
+    if not spec:
+        raise ctx.err("spec", "is required")
+    tier_text = spec.get("tier")
+    tier = _TIERS.get(tier_text) if isinstance(tier_text, str) else None
+    if tier is None:
+        raise ctx.err("spec.tier", f"must be Admin or Baseline, not {tier_text!r}")
+    prio = spec.get("priority")
+    if isinstance(prio, bool) or not isinstance(prio, int):
+        raise ctx.err("spec.priority", f"must be an integer 0-{CNP_MAX_PRIORITY}, not {prio!r}")
+    if not 0 <= prio <= CNP_MAX_PRIORITY:
+        raise ctx.err("spec.priority", f"{prio} is out of range 0-{CNP_MAX_PRIORITY}")
+    subject = _as_map(ctx, spec.get("subject"), "spec.subject")
+    present = _one_of(ctx, subject, "spec.subject", ("namespaces", "pods"))
+    if not present:
+        raise ctx.err("spec.subject", "must set namespaces or pods")
+    if present[0] == "namespaces":
+        subj_ns, subj_pods = _selector(ctx, subject["namespaces"], "spec.subject.namespaces"), MATCH_ALL
+    else:
+        subj_ns, subj_pods = _namespaced_pod(ctx, subject["pods"], "spec.subject.pods")
+    return ClusterNetworkPolicy(
+        name=name,
+        tier=tier,
+        priority=prio,
+        subject_namespaces=subj_ns,
+        subject_pods=subj_pods,
+        ingress=_cnp_rules(ctx, spec.get("ingress"), "spec.ingress", egress=False),
+        egress=_cnp_rules(ctx, spec.get("egress"), "spec.egress", egress=True),
+        resource_version=_str_field(meta, "resourceVersion"),
+    )
+
+
+# --- Node (v1): labels and status.addresses only ------------------------------------
+
+
+def parse_node(d: Mapping[str, Any]) -> Node:
+    """A v1 Node as a ``nodes`` peer sees it. Addresses of any type that are IPs
+    (InternalIP, ExternalIP); Hostname/InternalDNS entries are names and are skipped."""
+    ctx, meta, _, name = _meta("Node", d, namespaced=False)
+    if not _is_dns_subdomain(name):
+        raise ctx.err("metadata.name", f"{name!r} is not a DNS-1123 subdomain")
+    labels = _labels(ctx, meta.get("labels"), "metadata.labels")
+    status = _as_map(ctx, d.get("status"), "status")
+    addrs: list[IPAddress] = []
+    for i, a in enumerate(_as_list(ctx, status.get("addresses"), "status.addresses")):
+        a = _as_map(ctx, a, f"status.addresses[{i}]")
+        text = a.get("address")
+        if not isinstance(text, str):
+            raise ctx.err(f"status.addresses[{i}].address", f"must be a string, not {text!r}")
+        try:
+            ip = ipaddress.ip_address(text.strip())
+        except ValueError:
+            continue  # a host name (type Hostname, InternalDNS, ExternalDNS)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip not in addrs:
+            addrs.append(ip)
+    return Node(name, labels, tuple(addrs), _str_field(meta, "resourceVersion"))
+
+
 # --- dispatch -----------------------------------------------------------------------
 
 # kind -> (accepted apiVersions, parser)
@@ -545,6 +992,8 @@ _PARSERS: dict[str, tuple[frozenset[str], Callable[[Mapping[str, Any]], Any]]] =
     "Namespace": (frozenset({"v1"}), parse_namespace),
     "Pod": (frozenset({"v1"}), parse_pod),
     "NetworkPolicy": (frozenset({"networking.k8s.io/v1"}), parse_network_policy),
+    "ClusterNetworkPolicy": (frozenset({CNP_API_VERSION}), parse_cluster_network_policy),
+    "Node": (frozenset({"v1"}), parse_node),
 }
 
 
@@ -557,8 +1006,8 @@ def _ref_of(d: Mapping[str, Any]) -> str:
     return f"{ns}/{name}" if ns else str(name)
 
 
-def parse_object(d: Any, ignore_unknown: bool = False):
-    """One API object -> model value, by kind/apiVersion.
+def parse_object(d: Any, ignore_unknown: bool = False, pod_ip_policy: PodIPPolicy | None = None):
+    """One API object -> model value, by kind/apiVersion (Pods under ``pod_ip_policy``).
 
     Unknown kinds raise ModelError, or return None with ``ignore_unknown``. A
     missing apiVersion is accepted (typed list items often lack it); a wrong one
@@ -572,7 +1021,7 @@ def parse_object(d: Any, ignore_unknown: bool = False):
         if ignore_unknown:
             return None
         raise ModelError(
-            str(kind or "object"), _ref_of(d), "kind", f"unsupported kind {kind!r} (Namespace, Pod, NetworkPolicy)"
+            str(kind or "object"), _ref_of(d), "kind", f"unsupported kind {kind!r} (Namespace, Pod, NetworkPolicy, ClusterNetworkPolicy, Node)"
         )
     versions, parser = entry
     api_version = d.get("apiVersion")
@@ -583,6 +1032,8 @@ def parse_object(d: Any, ignore_unknown: bool = False):
             "apiVersion",
             f"unsupported apiVersion {api_version!r} for {kind} ({', '.join(sorted(versions))})",
         )
+    if parser is parse_pod:
+        return parse_pod(d, pod_ip_policy)
     return parser(d)
 
 
@@ -601,12 +1052,16 @@ def _expand(doc: Any) -> Iterable[Any]:
 
 
 def parse_objects(
-    docs: Iterable[Any], ignore_unknown: bool = False, keep_going: bool = False
+    docs: Iterable[Any], ignore_unknown: bool = False, keep_going: bool = False, fallbacks: bool = False,
+    pod_ip_policy: PodIPPolicy | None = None,
 ) -> tuple[list, list[ModelError]]:
     """Parse decoded documents (lists flattened); return (objects, errors).
 
     Without keep_going the first error is raised; with it, bad objects are
-    collected and the rest still parse.
+    collected and the rest still parse. With fallbacks (and keep_going) a
+    NetworkPolicy or Namespace that fails is reported AND its stand-in, if any, is
+    among the objects (fallback_network_policy, marked by ``fallback_reason``;
+    fallback_namespace).
     """
     objects: list = []
     errors: list[ModelError] = []
@@ -615,11 +1070,20 @@ def parse_objects(
             continue  # empty YAML document ("---" at the end)
         for d in _expand(doc):
             try:
-                obj = parse_object(d, ignore_unknown=ignore_unknown)
+                obj = parse_object(d, ignore_unknown=ignore_unknown, pod_ip_policy=pod_ip_policy)
             except ModelError as exc:
                 if not keep_going:
                     raise
                 errors.append(exc)
+                # Not for a wrong kind/apiVersion: that is not a v1 NetworkPolicy at all.
+                if fallbacks and exc.field_path not in ("kind", "apiVersion"):
+                    fb: Any = None
+                    if exc.kind == "NetworkPolicy":
+                        fb = fallback_network_policy(d, exc)
+                    elif exc.kind == "Namespace":
+                        fb = fallback_namespace(d)
+                    if fb is not None:
+                        objects.append(fb)
                 continue
             if obj is not None:
                 objects.append(obj)
@@ -637,9 +1101,11 @@ def _load_all(text: str, source: str) -> list[Any]:
 
 
 def load_yaml_keep_going(
-    text: str, source: str = "<file>", ignore_unknown: bool = False
+    text: str, source: str = "<file>", ignore_unknown: bool = False, fallbacks: bool = False,
+    pod_ip_policy: PodIPPolicy | None = None,
 ) -> tuple[list, list[SourcedModelError]]:
-    """Like load_yaml, but collects every bad object and keeps the good ones.
+    """Like load_yaml, but collects every bad object and keeps the good ones
+    (and, with fallbacks, the stand-ins of bad NetworkPolicies and Namespaces: parse_objects).
 
     A YAML syntax error still loses the whole file (there is no reliable way to
     resync a broken stream) and is returned as the single error.
@@ -651,19 +1117,23 @@ def load_yaml_keep_going(
     objects: list = []
     errors: list[SourcedModelError] = []
     for n, doc in enumerate(docs, start=1):
-        objs, errs = parse_objects([doc], ignore_unknown=ignore_unknown, keep_going=True)
+        objs, errs = parse_objects(
+            [doc], ignore_unknown=ignore_unknown, keep_going=True, fallbacks=fallbacks, pod_ip_policy=pod_ip_policy
+        )
         objects.extend(objs)
         errors.extend(SourcedModelError(source, e, n if len(docs) > 1 else None) for e in errs)
     return objects, errors
 
 
-def load_yaml(text: str, source: str = "<file>", ignore_unknown: bool = False) -> list:
+def load_yaml(
+    text: str, source: str = "<file>", ignore_unknown: bool = False, pod_ip_policy: PodIPPolicy | None = None
+) -> list:
     """Multi-document YAML (or JSON) -> model values. Raises SourcedModelError (a ModelError)."""
     docs = _load_all(text, source)
     objects: list = []
     for n, doc in enumerate(docs, start=1):
         try:
-            objs, _ = parse_objects([doc], ignore_unknown=ignore_unknown)
+            objs, _ = parse_objects([doc], ignore_unknown=ignore_unknown, pod_ip_policy=pod_ip_policy)
         except ModelError as exc:
             raise SourcedModelError(source, exc, n if len(docs) > 1 else None) from None
         objects.extend(objs)

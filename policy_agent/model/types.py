@@ -191,6 +191,9 @@ class NetworkPolicy:
     ingress: tuple[Rule, ...] = ()  # () with INGRESS in policy_types = deny all ingress
     egress: tuple[Rule, ...] = ()
     resource_version: str = ""
+    # Non-empty: the object could not be parsed and this is its no-allow stand-in
+    # (model.parse.fallback_network_policy); the text says why (field: message).
+    fallback_reason: str = ""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -211,6 +214,53 @@ class ContainerPort:
     name: str | None = None
 
 
+# Why a pod address was left out (bounded: these are metric label values).
+POD_IP_REJECT_REASONS = (
+    "invalid",  # not an address (or has an IPv6 zone index); only for the annotation
+    "unspecified",  # 0.0.0.0, ::
+    "loopback",  # 127.0.0.0/8, ::1
+    "multicast",  # 224.0.0.0/4, ff00::/8
+    "link_local",  # 169.254.0.0/16, fe80::/10
+    "outside_pod_networks",  # not in PodIPPolicy.networks (when set)
+)
+
+
+@dataclass(frozen=True)
+class RejectedIP:
+    """One pod address the edge refused: where it was written, what, and why."""
+
+    path: str  # e.g. status.podIPs[0].ip, metadata.annotations[vpc.amazonaws.com/pod-ips]
+    address: str  # as written (whitespace stripped)
+    reason: str  # one of POD_IP_REJECT_REASONS
+
+
+@dataclass(frozen=True)
+class PodIPPolicy:
+    """Which pod addresses the edge accepts (settings pod_networks, trust_pod_ips_annotation).
+
+    ``networks`` empty = no range check (only the always-invalid classes are
+    rejected). ``trust_annotation`` needs ``networks``: an annotation anyone with
+    "edit" may write, taken without a range, could bind any address to a pod.
+    """
+
+    networks: tuple[IPNetwork, ...] = ()
+    trust_annotation: bool = False
+    # Derived, not compared: per family, (first, last) integer ranges of networks.
+    ranges: Mapping[int, tuple[tuple[int, int], ...]] = field(
+        default_factory=dict, init=False, compare=False, hash=False, repr=False
+    )
+    # Memo of accepted address texts -> address (the hot path of a relist); bounded.
+    accepted: dict = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.trust_annotation and not self.networks:
+            raise ValueError("trusting the pod-ips annotation needs pod networks to limit it")
+        ranges: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for net in self.networks:
+            ranges[net.version].append((int(net.network_address), int(net.broadcast_address)))
+        object.__setattr__(self, "ranges", {v: tuple(r) for v, r in ranges.items()})
+
+
 @dataclass(frozen=True)
 class Pod:
     namespace: str
@@ -223,6 +273,8 @@ class Pod:
     phase: str = ""  # Pending/Running/Succeeded/Failed/Unknown
     uid: str = ""
     resource_version: str = ""
+    # Addresses left out at the edge (PodIPPolicy), kept only so the agent can report them.
+    rejected_ips: tuple[RejectedIP, ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -254,6 +306,107 @@ class Namespace:
         return self.name
 
 
+# --- ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2) and Node -------------
+# docs/decisions/cluster-network-policy.md: shape, semantics and what we do not do.
+
+
+class CNPTier(str, Enum):
+    ADMIN = "Admin"
+    BASELINE = "Baseline"
+
+
+class CNPAction(str, Enum):
+    ACCEPT = "Accept"
+    DENY = "Deny"
+    PASS = "Pass"
+
+
+@dataclass(frozen=True)
+class CNPPort:
+    """One ``protocols[]`` entry: a protocol with a destination port or range, or a
+    destination named port (resolved on the destination pod, any protocol: the
+    container port's own protocol must match the packet's)."""
+
+    protocol: Protocol | None = None  # None only with named_port
+    start: int | None = None  # destinationPort.number, or range.start
+    end: int | None = None  # = start for a number; range.end (inclusive)
+    named_port: str | None = None
+
+
+# CNPPeer.kind values
+CNP_PEER_KINDS = ("namespaces", "pods", "nodes", "networks", "domainNames", "unknown")
+
+
+@dataclass(frozen=True)
+class CNPPeer:
+    """One from/to entry; exactly one kind.
+
+    - namespaces: every pod of the namespaces matching ``namespace_selector``;
+    - pods: pods matching ``pod_selector`` in namespaces matching ``namespace_selector``;
+    - nodes (egress): the addresses of the nodes whose labels match ``node_selector``;
+    - networks (egress): CIDRs;
+    - domainNames (egress): parsed, never matched (see the decision doc);
+    - unknown: the object set no field we know (a newer CRD): fail closed.
+    """
+
+    kind: str
+    namespace_selector: LabelSelector | None = None
+    pod_selector: LabelSelector | None = None
+    node_selector: LabelSelector | None = None
+    networks: tuple[IPNetwork, ...] = ()
+    domain_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CNPRule:
+    """ports () = every protocol and port (the API: protocols unspecified)."""
+
+    action: CNPAction
+    name: str = ""
+    peers: tuple[CNPPeer, ...] = ()
+    ports: tuple[CNPPort, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClusterNetworkPolicy:
+    """Cluster-scoped; subject = pods matching ``subject_pods`` in namespaces matching
+    ``subject_namespaces`` (a ``namespaces`` subject has subject_pods MATCH_ALL)."""
+
+    name: str
+    tier: CNPTier
+    priority: int
+    subject_namespaces: LabelSelector = MATCH_ALL
+    subject_pods: LabelSelector = MATCH_ALL
+    ingress: tuple[CNPRule, ...] = ()
+    egress: tuple[CNPRule, ...] = ()
+    resource_version: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+    @property
+    def ref(self) -> str:
+        return self.name
+
+    def rules(self, direction: str) -> tuple[CNPRule, ...]:
+        return self.ingress if direction == "ingress" else self.egress
+
+
+@dataclass(frozen=True)
+class Node:
+    """What a ``nodes`` peer needs of a v1 Node: labels and status.addresses (IPs only)."""
+
+    name: str
+    labels: Labels = EMPTY_LABELS
+    addresses: tuple[IPAddress, ...] = ()
+    resource_version: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
 @dataclass(frozen=True)
 class ClusterSnapshot:
     """Everything the compiler needs, keyed for lookup.
@@ -265,12 +418,16 @@ class ClusterSnapshot:
     namespaces: Mapping[str, Namespace] = field(default_factory=dict)
     pods: Mapping[tuple[str, str], Pod] = field(default_factory=dict)
     policies: Mapping[tuple[str, str], NetworkPolicy] = field(default_factory=dict)
+    cluster_policies: Mapping[str, ClusterNetworkPolicy] = field(default_factory=dict)
+    nodes: Mapping[str, Node] = field(default_factory=dict)
 
     @classmethod
     def of(cls, objects) -> "ClusterSnapshot":
         ns: dict[str, Namespace] = {}
         pods: dict[tuple[str, str], Pod] = {}
         pols: dict[tuple[str, str], NetworkPolicy] = {}
+        cnps: dict[str, ClusterNetworkPolicy] = {}
+        nodes: dict[str, Node] = {}
         for o in objects:
             if isinstance(o, Namespace):
                 ns[o.name] = o
@@ -278,9 +435,13 @@ class ClusterSnapshot:
                 pods[o.key] = o
             elif isinstance(o, NetworkPolicy):
                 pols[o.key] = o
+            elif isinstance(o, ClusterNetworkPolicy):
+                cnps[o.key] = o
+            elif isinstance(o, Node):
+                nodes[o.key] = o
             else:
                 raise TypeError(f"not a model object: {o!r}")
-        return cls(ns, pods, pols)
+        return cls(ns, pods, pols, cnps, nodes)
 
     def namespace_labels(self, name: str) -> Mapping[str, str]:
         ns = self.namespaces.get(name)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+# Label values of policy_agent_policies_degraded (bounded; no object names).
+DEGRADED_MODES = ("last_good", "fallback")
 
 # Applies are milliseconds to seconds; event-to-enforced should stay below 100 ms.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -54,9 +59,97 @@ class Metrics:
             "policy_agent_applied_generation", "observed_generation covered by the last successful apply", registry=r
         )
         self.pending = Gauge("policy_agent_pending_events", "Events received but not yet enforced", registry=r)
+        self.policies_degraded = Gauge(
+            "policy_agent_policies_degraded",
+            "NetworkPolicies that cannot be parsed, enforced from their last good version (mode=last_good) "
+            "or as a no-allow fallback isolating what they select (mode=fallback)",
+            ["mode"], registry=r,
+        )
+        for mode in DEGRADED_MODES:
+            self.policies_degraded.labels(mode).set(0)
+        self.set_aside = Gauge(
+            "policy_agent_dataplane_set_aside_objects",
+            "Objects the kernel refused that the dataplane set aside (old version kept or absent; the rest applied)",
+            ["kind"], registry=r,
+        )
+        for kind in ("chain", "ipset", "member"):  # bounded: these three kinds only
+            self.set_aside.labels(kind).set(0)
         self.last_apply = Gauge(
             "policy_agent_last_apply_timestamp_seconds", "Unix time of the last successful apply", registry=r
         )
 
+        # Labels: reason only (POD_IP_REJECT_REASONS), never pod names: bounded cardinality.
+        self.pod_ip_rejected = Counter(
+            "policy_agent_pod_ip_rejected_total",
+            "Pod addresses left out at the edge (each pod/address/reason counted once until it changes)",
+            ["reason"], registry=r,
+        )
+
+        # Flow verdict logs (obs/flowlog.py): only what the kernel's rate limit let through
+        # to the log is counted. Cardinality: verdict x direction (4 series); the drop
+        # counters go through BoundedLabel: at most flow_metrics_max_labels policies per
+        # tier (3 tiers) and as many namespaces, each plus "other".
+        self.flow_verdicts = Counter(
+            "policy_agent_flow_verdicts_total", "Flow verdicts logged (new connections; rate-limited in the kernel)",
+            ["verdict", "direction"], registry=r,
+        )
+        self.flow_log_lost = Counter(
+            "policy_agent_flow_log_lost_total",
+            "Times the kernel dropped flow log messages because the agent's socket buffer was full", registry=r,
+        )
+        self.flow_denied_by_policy = Counter(
+            "policy_agent_flow_denied_by_policy_total",
+            "Logged denials by deciding policy: tier admin/baseline (ClusterNetworkPolicy name) or networkpolicy "
+            "(no policy allowed it: counted once for each NetworkPolicy isolating the pod)",
+            ["tier", "policy"], registry=r,
+        )
+        self.flow_denied_by_namespace = Counter(
+            "policy_agent_flow_denied_by_namespace_total",
+            "Logged denials by the namespace of the pod whose policy denied (ingress: destination, egress: source)",
+            ["namespace"], registry=r,
+        )
+
+    def watch_degraded_policies(self, sources) -> None:
+        """policy_agent_policies_degraded{mode} reads the sources' optional
+        ``degraded_policies() -> {mode: count}`` at scrape time (summed over sources)."""
+
+        def count(mode: str) -> float:
+            total = 0
+            for s in sources:
+                fn = getattr(s, "degraded_policies", None)
+                if fn is None:
+                    continue
+                try:
+                    total += int(fn().get(mode, 0))
+                except Exception:  # noqa: BLE001 - a scrape must not fail on one source
+                    continue
+            return total
+
+        for mode in DEGRADED_MODES:
+            self.policies_degraded.labels(mode).set_function(lambda m=mode: count(m))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class BoundedLabel:
+    """The first ``limit`` distinct values keep their own label, every later one is
+    ``other``: a label's series count never exceeds limit + 1 (thread-safe)."""
+
+    OTHER = "other"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        with self._lock:
+            if value in self._seen:
+                return value
+            if len(self._seen) >= self.limit:
+                return self.OTHER
+            self._seen.add(value)
+            return value

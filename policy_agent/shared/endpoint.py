@@ -10,7 +10,9 @@ Files:
   <endpoint_dir>/<namespace>.<pod>.json   EndpointRecord as JSON
   <status_dir>/<namespace>.<pod>.json     EndpointStatus as JSON
 A namespace is a DNS label (no dots), so the first "." splits the key. Writes
-are atomic: temp file in the same directory, fsync, rename.
+are atomic: temp file in the same directory, fsync, rename. Both carry the pod's
+UID (``pod_uid``, "" when unknown): the agent merges a record only with the Pod
+object of that UID, and the shim accepts only a status for its container and UID.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class EndpointRecord:
     netns: str = ""
     created: float = 0.0
     version: int = RECORD_VERSION
+    # metadata.uid of the pod this sandbox was created for (K8S_POD_UID in CNI_ARGS);
+    # "" when the runtime did not say, or the record predates the field.
+    pod_uid: str = ""
 
     @property
     def key(self) -> str:
@@ -77,6 +82,7 @@ class EndpointRecord:
             ips=tuple(d["ips"]),
             netns=str(d.get("netns", "")),
             created=float(d.get("created", 0.0)),
+            pod_uid=str(d.get("pod_uid", "") or ""),
         )
 
 
@@ -90,6 +96,9 @@ class EndpointStatus:
     interface: str
     programmed_at: float
     policies: tuple[str, ...] = field(default_factory=tuple)
+    # metadata.uid of the Pod object whose policy was programmed ("" if unknown);
+    # the shim accepts the file only if it names its own container and pod UID.
+    pod_uid: str = ""
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -106,6 +115,7 @@ class EndpointStatus:
             interface=str(d.get("interface", "")),
             programmed_at=float(d.get("programmed_at", 0.0)),
             policies=tuple(d.get("policies", ())),
+            pod_uid=str(d.get("pod_uid", "") or ""),
         )
 
 

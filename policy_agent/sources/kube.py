@@ -1,8 +1,17 @@
-"""Kubernetes list+watch informers for Namespaces, Pods (all namespaces) and NetworkPolicies.
+"""Kubernetes list+watch informers for Namespaces, Pods (all namespaces), NetworkPolicies,
+Nodes and ClusterNetworkPolicies.
 
 Rules (the reflector contract, as client-go's, kept small):
-1. List (paginated: ``limit``/``continue``), convert, emit ``Replace`` for the kind; once
-   every kind has listed, emit ``InSync`` (and again after each completed relist).
+1. List, convert, emit ``Replace`` for the kind; once every kind has listed, emit
+   ``InSync`` (and again after each completed relist). Which list (docs/scale.md):
+   the first from the API server's watch cache (``resourceVersion=0``: no etcd read;
+   the cache ignores ``limit`` and answers in one response), a relist after 410 from
+   the cache too but not older than what we hold (``resourceVersion=<ours>``,
+   ``resourceVersionMatch=NotOlderThan``), and when the cache cannot answer (410, or
+   504 "too large resource version") a consistent list from etcd in pages
+   (``limit``/``continue``) that restarts from the first page when a ``continue``
+   token expires (410 mid-list). Responses are decoded item by item as they stream
+   in, so a 50,000-pod list never sits in memory as one JSON document.
 2. Watch from the list's resourceVersion with ``allowWatchBookmarks``. Every event and
    bookmark advances our resourceVersion, so a reconnect resumes without a relist.
 3. ``410 Gone`` (as an HTTP status or an ERROR event) means our resourceVersion was
@@ -15,9 +24,18 @@ Rules (the reflector contract, as client-go's, kept small):
 5. Conversion happens here, once: raw JSON → ``policy_agent.model.parse`` → frozen
    model values (see docs/decisions/kube-raw-json.md for why not the client's model
    classes). A bad object becomes a ``SourceError`` naming object and field; the
-   last good version of it (if any) is kept, other objects are unaffected.
+   last good version of it (if any) is kept, also across relists, other objects are
+   unaffected. A NetworkPolicy that never parsed is enforced as its no-allow fallback
+   (model.parse.fallback_network_policy): dropping it would open the pods it
+   isolates. See docs/decisions/policy-fallback.md.
 6. Updates that change nothing the model holds (e.g. pod conditions, managedFields)
    update the cached resourceVersion silently and emit nothing.
+7. An optional resource (ClusterNetworkPolicy, a CRD) answered with 404 is not served:
+   it is an empty list (``Replace`` with nothing, counts as listed for ``InSync``), logged
+   once (``kube_resource_not_served``) and asked for again every ``not_served_recheck``
+   seconds; once served it is listed and watched as any other. A 403 (RBAC without the
+   new rule) is not "not served": it is an error, retried, and the source never syncs,
+   because enforcing without the admin's guardrails would open what they deny.
 
 The official ``kubernetes`` client provides the configuration (kubeconfig or in-cluster
 service account, token refresh) and the transport (its urllib3 pool, TLS, auth headers);
@@ -26,9 +44,12 @@ we read the response bodies ourselves.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import functools
 import json
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -37,8 +58,16 @@ from typing import Any, Callable, Iterator, Mapping
 import structlog
 import urllib3
 
-from policy_agent.model.parse import parse_namespace, parse_network_policy, parse_pod
-from policy_agent.model.types import ModelError
+from policy_agent.model.parse import (
+    fallback_namespace,
+    fallback_network_policy,
+    parse_cluster_network_policy,
+    parse_namespace,
+    parse_network_policy,
+    parse_node,
+    parse_pod,
+)
+from policy_agent.model.types import ModelError, NetworkPolicy, PodIPPolicy
 from policy_agent.sources.events import Delete, InSync, Replace, Sink, SourceError, Upsert
 
 log = structlog.get_logger(__name__)
@@ -50,6 +79,8 @@ class Resource:
     path: str  # collection path, all namespaces
     parse: Callable[[Mapping[str, Any]], Any]
     namespaced: bool
+    # A CRD that may not be installed: 404 = an empty list, in sync, checked again later.
+    optional: bool = False
 
 
 RESOURCES: dict[str, Resource] = {
@@ -58,7 +89,21 @@ RESOURCES: dict[str, Resource] = {
     "NetworkPolicy": Resource(
         "NetworkPolicy", "/apis/networking.k8s.io/v1/networkpolicies", parse_network_policy, True
     ),
+    # Labels and addresses only (model.Node): what ClusterNetworkPolicy `nodes` peers need.
+    "Node": Resource("Node", "/api/v1/nodes", parse_node, False),
+    "ClusterNetworkPolicy": Resource(
+        "ClusterNetworkPolicy",
+        "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies",
+        parse_cluster_network_policy,
+        False,
+        optional=True,
+    ),
 }
+DEFAULT_KINDS = ("Namespace", "Pod", "NetworkPolicy", "Node", "ClusterNetworkPolicy")
+
+
+# Metric label values of degraded_counts (bounded).
+DEGRADED_MODES = ("last_good", "fallback")
 
 
 @dataclass(frozen=True)
@@ -72,7 +117,17 @@ class WatchOptions:
     connect_timeout: float = 10.0
     list_read_timeout: float = 60.0
     backoff_initial: float = 0.5
-    backoff_max: float = 30.0
+    # Short on purpose: after an API server outage the agent must converge within
+    # seconds (full jitter, so the expected wait is half of this). client-go uses 30 s;
+    # the cost is one refused connect per informer per second while the server is down.
+    backoff_max: float = 1.0
+    # How often an optional resource the server does not serve (404) is asked for again.
+    not_served_recheck: float = 60.0
+    # Lists from the API server's watch cache (resourceVersion=0 / NotOlderThan) first;
+    # False: always the paginated consistent list from etcd (limit/continue).
+    list_from_cache: bool = True
+    # A paginated list whose continue token expired (410) is restarted this many times.
+    list_restarts_max: int = 3
 
 
 class _Gone(Exception):
@@ -81,6 +136,14 @@ class _Gone(Exception):
 
 class _Stopped(Exception):
     pass
+
+
+class _CacheBehind(Exception):
+    """The watch cache cannot serve our list (504 "too large resource version", or 410)."""
+
+
+class _NotServed(Exception):
+    """404 for an optional resource: its CRD is not installed (or was removed)."""
 
 
 class WatchError(Exception):
@@ -140,7 +203,9 @@ def _status_error(resp, path: str) -> Exception:
         _close(resp)
     if resp.status == 410:
         return _Gone(msg or "410 Gone")
-    return WatchError(f"GET {path}: HTTP {resp.status} {resp.reason}: {msg}")
+    err = WatchError(f"GET {path}: HTTP {resp.status} {resp.reason}: {msg}")
+    err.status = resp.status
+    return err
 
 
 def _close(resp) -> None:
@@ -165,6 +230,94 @@ def _lines(resp) -> Iterator[bytes]:
                 yield line
     if buf.strip():
         yield buf
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def iter_list_items(resp, top: dict, chunk_size: int = 256 * 1024) -> Iterator[Any]:
+    """The ``items`` of a JSON list response ({"kind", "metadata", "items": [...]}), one
+    by one as the body streams in; the other top-level members land in ``top``.
+
+    Memory: one chunk plus one item, whatever the size of the list. Bad JSON raises
+    ValueError (at the end of the body at the latest).
+    """
+    decode = codecs.getincrementaldecoder("utf-8")()
+    chunks = resp.stream(chunk_size, decode_content=True)
+    buf, pos, eof = "", 0, False
+
+    def more() -> bool:
+        nonlocal buf, pos, eof
+        if eof:
+            return False
+        data = next(chunks, None)
+        if data is None:
+            eof = True
+            buf = buf[pos:] + decode.decode(b"", final=True)
+        else:
+            buf = buf[pos:] + decode.decode(data)
+        pos = 0
+        return True
+
+    def skip_ws() -> str:
+        nonlocal pos
+        while True:
+            pos = _WS.match(buf, pos).end()
+            if pos < len(buf):
+                return buf[pos]
+            if not more():
+                raise ValueError("list response: unexpected end of body")
+
+    def value() -> Any:
+        nonlocal pos
+        skip_ws()
+        while True:
+            try:
+                v, end = _DECODER.raw_decode(buf, pos)
+            except ValueError:
+                if more():  # most likely cut at the chunk boundary: read on, try again
+                    continue
+                raise
+            # A number at the very end of the buffer may continue in the next chunk.
+            if end == len(buf) and not eof and isinstance(v, (int, float)) and more():
+                continue
+            pos = end
+            return v
+
+    def expect(ch: str) -> None:
+        nonlocal pos
+        if skip_ws() != ch:
+            raise ValueError(f"list response: expected {ch!r} at {buf[pos:pos + 40]!r}")
+        pos += 1
+
+    expect("{")
+    if skip_ws() == "}":
+        return
+    while True:
+        key = value()
+        expect(":")
+        if key == "items" and skip_ws() == "[":
+            pos += 1
+            if skip_ws() == "]":
+                pos += 1
+            else:
+                while True:
+                    yield value()
+                    c = skip_ws()
+                    pos += 1
+                    if c == "]":
+                        break
+                    if c != ",":
+                        raise ValueError(f"list response: expected ',' or ']' in items, got {c!r}")
+        else:
+            top[key] = value()
+        c = skip_ws()
+        pos += 1
+        if c == "}":
+            return
+        if c != ",":
+            raise ValueError(f"list response: expected ',' or '}}', got {c!r}")
 
 
 def _key(kind_res: Resource, d: Mapping[str, Any]):
@@ -208,12 +361,23 @@ class Informer:
         self.watching = False  # a watch stream is open (for status and tests)
         self.resource_version = ""
         self.listed = threading.Event()
+        # Optional resources: None until the first answer, False while the server answers
+        # 404 (then this kind is an empty, listed resource), True once it listed.
+        self.served: bool | None = None
         # Counters for metrics (read by obs; plain ints, written by this thread only).
         self.watch_restarts = 0
         self.relists = 0  # lists after the first (each after a 410 Gone)
         self.events = 0
         self.list_pages = 0
+        self.list_restarts = 0  # paginated lists restarted after their continue token expired
+        self.list_mode = ""  # how the last list was served: "cache" or "pages" (for status and tests)
         self.bad_objects = 0
+        # key -> "last_good" | "fallback" while the object on the server cannot be
+        # parsed (read by degraded_counts() from other threads).
+        self.degraded: dict[Any, str] = {}
+        # metadata.uid of held objects whose model value has no uid (NetworkPolicy,
+        # Namespace): a last good version is only ever the same object's.
+        self._uids: dict[Any, str] = {}
         self._thread = threading.Thread(target=self._run, name=f"kube-{self.kind}", daemon=True)
         self._log = log.bind(source=source, kind=self.kind)
 
@@ -251,6 +415,11 @@ class Informer:
                 backoff = self._opts.backoff_initial  # a clean server-side end
             except _Stopped:
                 break
+            except _NotServed as e:
+                need_list = True
+                backoff = self._opts.backoff_initial
+                self._not_served(str(e))
+                self._stop.wait(self._opts.not_served_recheck)
             except _Gone as e:
                 self._log.info("kube_resource_version_gone", resource_version=self.resource_version, error=str(e))
                 need_list = True
@@ -282,51 +451,113 @@ class Informer:
         if self._stop.is_set():
             _close(resp)
             raise _Stopped()
+        if resp.status == 404 and self.res.optional:
+            _close(resp)
+            raise _NotServed(f"GET {self.res.path}: HTTP 404")
         if resp.status != 200:
             raise _status_error(resp, self.res.path)
         return resp
 
+    def _not_served(self, why: str) -> None:
+        """The server does not serve this optional resource (its CRD is not installed, or
+        was deleted): an empty list, in sync, so clusters without the CRD work unchanged.
+        Logged and emitted once per outage; the rechecks are silent."""
+        if self.served is False:
+            self._log.debug("kube_resource_still_not_served", path=self.res.path)
+            return
+        self.served = False
+        self._log.info("kube_resource_not_served", path=self.res.path, error=why,
+                       recheck_seconds=self._opts.not_served_recheck)
+        with self._lock:
+            self._cache = {}
+        self.degraded = {}
+        self.resource_version = ""
+        self._sink(Replace(self._source, self.kind, {}))
+        self.listed.set()
+        self._on_listed(self)
+
     def _list(self) -> None:
+        """One complete list (see rule 1 for which), then Replace."""
         first = not self.listed.is_set()
         with self._lock:
             old = self._cache
+        result = None
+        if self._opts.list_from_cache:
+            rv = "0" if first or not self.resource_version else self.resource_version
+            q: list[tuple[str, Any]] = [("resourceVersion", rv), ("limit", self._opts.page_size)]
+            if rv != "0":
+                # NotOlderThan with a limit would go to etcd (and page); without one the
+                # cache answers, at its own revision, which is never older than ours.
+                q = [("resourceVersion", rv), ("resourceVersionMatch", "NotOlderThan")]
+            try:
+                result = self._list_pages(q, old)
+                self.list_mode = "cache"
+            except _CacheBehind as e:
+                self._log.info("kube_list_cache_unavailable", resource_version=rv, error=str(e))
+        if result is None:
+            for attempt in range(self._opts.list_restarts_max + 1):
+                try:
+                    result = self._list_pages([("limit", self._opts.page_size)], old)
+                    self.list_mode = "pages"
+                    break
+                except _CacheBehind as e:  # a continue token expired: start again
+                    self.list_restarts += 1
+                    self._log.info("kube_list_continue_expired", attempt=attempt + 1, error=str(e))
+            else:
+                raise WatchError(f"list {self.kind}: continue token expired {self.list_restarts} times")
+        new, degraded, rv = result
+        with self._lock:
+            self._cache = new
+        self.degraded = degraded
+        self._uids = {k: u for k, u in self._uids.items() if k in new}
+        self.resource_version = rv
+        if self.served is False:
+            self._log.info("kube_resource_served", path=self.res.path)
+        self.served = True
+        self._log.info("kube_listed", count=len(new), resource_version=rv, first=first, mode=self.list_mode)
+        self._sink(Replace(self._source, self.kind, dict(new)))
+        self.listed.set()
+        self._on_listed(self)
+
+    def _list_pages(self, first_query, old):
+        """(objects, degraded, resourceVersion) of one list: ``first_query``, then the
+        ``continue`` pages the server hands out. 410 / 504 raise _CacheBehind."""
         new: dict[Any, Any] = {}
+        degraded: dict[Any, str] = {}
         cont = ""
         rv = ""
         while True:
-            q: list[tuple[str, Any]] = [("limit", self._opts.page_size)]
-            if cont:
-                q.append(("continue", cont))
-            resp = self._request(q, self._opts.list_read_timeout)
-            self.list_pages += 1
+            q = [("limit", self._opts.page_size), ("continue", cont)] if cont else first_query
             try:
-                body = json.loads(resp.read(decode_content=True))
+                resp = self._request(q, self._opts.list_read_timeout)
+            except _Gone as e:
+                raise _CacheBehind(f"410: {e}") from e
+            except WatchError as e:
+                if getattr(e, "status", None) == 504:  # "too large resource version": cache behind us
+                    raise _CacheBehind(str(e)) from e
+                raise
+            self.list_pages += 1
+            meta: dict[str, Any] = {}
+            try:
+                # Convert item by item as the body streams in: only model values outlive
+                # an item (10,000 raw pods held at once cost ~300 MB; see
+                # docs/performance-agent-kube.md).
+                for d in iter_list_items(resp, meta):
+                    key = _key(self.res, d)
+                    obj, mode = self._convert(d, key, old.get(key))
+                    if obj is not None:
+                        new[key] = obj
+                    if mode:
+                        degraded[key] = mode
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
                 raise WatchError(f"list {self.kind}: {type(e).__name__}: {e}") from e
             finally:
                 _close(resp)
-            # Convert page by page: only model values outlive a page (10,000 raw pods
-            # held at once cost ~300 MB; see docs/performance-agent-kube.md).
-            for d in body.get("items") or ():
-                key = _key(self.res, d)
-                obj = self._convert(d, key)
-                if obj is not None:
-                    new[key] = obj
-                elif key in old:
-                    new[key] = old[key]  # keep the last good version of a now-bad object
-            meta = body.get("metadata") or {}
-            rv = meta.get("resourceVersion") or rv
-            cont = meta.get("continue") or ""
-            del body
+            md = meta.get("metadata") or {}
+            rv = md.get("resourceVersion") or rv
+            cont = md.get("continue") or ""
             if not cont:
-                break
-        with self._lock:
-            self._cache = new
-        self.resource_version = rv
-        self._log.info("kube_listed", count=len(new), resource_version=rv, first=first)
-        self._sink(Replace(self._source, self.kind, dict(new)))
-        self.listed.set()
-        self._on_listed(self)
+                return new, degraded, rv
 
     def _watch(self) -> None:
         timeout = int(self._opts.watch_timeout_min * (1 + random.random()))
@@ -381,10 +612,18 @@ class Informer:
         if etype == "DELETED":
             with self._lock:
                 existed = self._cache.pop(key, None) is not None
+            self.degraded.pop(key, None)  # and its last good version is forgotten
+            self._uids.pop(key, None)
             if existed:
                 self._sink(Delete(self._source, self.kind, key))
         elif etype in ("ADDED", "MODIFIED"):
-            obj = self._convert(d, key)
+            with self._lock:
+                prev = self._cache.get(key)
+            obj, mode = self._convert(d, key, prev)
+            if mode:
+                self.degraded[key] = mode
+            else:
+                self.degraded.pop(key, None)
             if obj is not None:
                 with self._lock:
                     old = self._cache.get(key)
@@ -396,23 +635,77 @@ class Informer:
         if rv:
             self.resource_version = rv
 
-    def _convert(self, d: Mapping[str, Any], key):
+    def _convert(self, d: Mapping[str, Any], key, prev: Any = None) -> tuple[Any, str]:
+        """(model value or None, mode) for one API object; ``prev``: what we hold for key.
+
+        mode "" when it parsed. Otherwise the error is reported and, in this order:
+        ``prev`` when it is a version that parsed (mode "last_good"; for every kind),
+        a NetworkPolicy's no-allow fallback or a Namespace's stand-in (mode
+        "fallback"), else None: dropped, which for a Pod only narrows
+        (docs/decisions/policy-fallback.md).
+        """
+        uid = ((d.get("metadata") or {}).get("uid") or "") if isinstance(d, Mapping) else ""
         try:
-            return self.res.parse(d)
+            parsed = self.res.parse(d)
+            if uid and not hasattr(parsed, "uid"):
+                self._uids[key] = uid
+            return parsed, ""
         except ModelError as e:
+            err: Exception = e
             msg = str(e)
+            field = e.field_path
         except Exception as e:  # noqa: BLE001 - a parser bug must not kill the informer
+            err = e
             msg = f"{self.kind} {key}: {type(e).__name__}: {e}"
+            field = ""
         self.bad_objects += 1
-        self._log.warning("kube_bad_object", key=key, error=msg)
-        self._sink(SourceError(self._source, msg, kind=self.kind, key=key))
-        return None
+        obj, mode = None, ""
+        # A stand-in we made earlier is never a last good version (self.degraded is the
+        # state before this object: _list swaps it in only at the end).
+        # The object we hold may be an earlier incarnation of the name (deleted and
+        # recreated while the watch was down): then it is no last good version of this one.
+        held_uid = getattr(prev, "uid", "") or self._uids.get(key, "")
+        if held_uid and uid and held_uid != uid:
+            prev = None
+        if prev is not None and self.degraded.get(key) != "fallback" and not getattr(prev, "fallback_reason", ""):
+            obj, mode = prev, "last_good"
+            what = f"keeping its last good version (resourceVersion {getattr(prev, 'resource_version', '')})"
+        elif self.kind == "NetworkPolicy":
+            try:
+                obj = fallback_network_policy(d, err)
+            except Exception as e:  # noqa: BLE001 - never let the stand-in fail the informer
+                self._log.error("kube_policy_fallback_failed", key=key, error=f"{type(e).__name__}: {e}")
+            if isinstance(obj, NetworkPolicy):
+                mode = "fallback"
+                sel = "all pods of the namespace" if obj.pod_selector.is_empty else obj.pod_selector.canonical()
+                dirs = "+".join(t.value for t in obj.policy_types)
+                what = f"enforcing a fallback: isolates {sel} for {dirs}, allows nothing"
+            else:
+                what = "dropped: it cannot be keyed"
+        elif self.kind == "Namespace":
+            try:
+                obj = fallback_namespace(d)
+            except Exception as e:  # noqa: BLE001 - as above
+                self._log.error("kube_namespace_fallback_failed", key=key, error=f"{type(e).__name__}: {e}")
+            mode = "fallback" if obj is not None else ""
+            what = "using its readable labels" if obj is not None else "dropped (never parsed)"
+        else:
+            what = "dropped (never parsed)"
+        self._log.warning("kube_bad_object", key=key, field=field, error=msg, enforced=mode or "nothing")
+        self._sink(SourceError(self._source, f"{msg} ({what})", kind=self.kind, key=key))
+        return obj, mode
+
+    def degraded_counts(self) -> dict[str, int]:
+        """How many objects are enforced from their last good version or as a fallback."""
+        modes = list(self.degraded.values())
+        return {m: modes.count(m) for m in DEGRADED_MODES}
 
 
 class KubeSource:
-    """Informers for the three kinds, one thread each, sharing one API client.
+    """Informers for the kinds (DEFAULT_KINDS), one thread each, sharing one API client.
 
     ``InSync`` is emitted once every informer has listed, and again after each relist.
+    An optional kind (ClusterNetworkPolicy) that the server does not serve counts as listed.
     """
 
     def __init__(
@@ -420,9 +713,10 @@ class KubeSource:
         sink: Sink,
         api_client=None,
         *,
-        kinds: tuple[str, ...] = ("Namespace", "Pod", "NetworkPolicy"),
+        kinds: tuple[str, ...] = DEFAULT_KINDS,
         source: str = "kube",
         options: WatchOptions | None = None,
+        pod_ip_policy: PodIPPolicy | None = None,
     ) -> None:
         self.source = source
         self._sink = sink
@@ -431,8 +725,13 @@ class KubeSource:
         self._lock = threading.Lock()
         self.synced = threading.Event()
         opts = options or WatchOptions()
+        resources = dict(RESOURCES)
+        if pod_ip_policy is not None:  # the configured pod address check, bound once
+            resources["Pod"] = dataclasses.replace(
+                resources["Pod"], parse=functools.partial(parse_pod, ip_policy=pod_ip_policy)
+            )
         self.informers = {
-            k: Informer(RESOURCES[k], transport, sink, source=source, options=opts, on_listed=self._listed)
+            k: Informer(resources[k], transport, sink, source=source, options=opts, on_listed=self._listed)
             for k in kinds
         }
 
@@ -461,6 +760,11 @@ class KubeSource:
 
     def cache(self, kind: str) -> dict:
         return self.informers[kind].cache()
+
+    def degraded_policies(self) -> dict[str, int]:
+        """NetworkPolicies enforced from their last good version / as a fallback, by mode."""
+        inf = self.informers.get("NetworkPolicy")
+        return inf.degraded_counts() if inf is not None else dict.fromkeys(DEGRADED_MODES, 0)
 
     @property
     def watch_restarts(self) -> int:

@@ -8,6 +8,13 @@ in that named namespace. If the socket fails, it reconnects with backoff and
 re-dumps (Replace), so a missed event cannot leave a stale link.
 
 Link objects are plain dicts: {"ifname", "index", "up"}.
+
+It never holds the agent back: links change no rule, so the agent does not wait
+for its InSync (``gates_sync = False``); it only calls ``sink`` (a queue put);
+the connect-and-dump step has a deadline (``sync_timeout``), after which it
+reconnects. What cannot be bounded from inside (a netlink call that blocks the
+monitor's event loop, or the thread dying) is reported by ``health()``: a
+heartbeat task on the same event loop stops beating when the loop is blocked.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from typing import Any
 
 import structlog
@@ -24,6 +32,8 @@ from policy_agent.sources.events import Delete, InSync, Replace, Sink, SourceErr
 log = structlog.get_logger(__name__)
 
 IFF_UP = 0x1
+STALL_AFTER = 10.0  # seconds without a heartbeat of the monitor's event loop: "stalled"
+SYNC_TIMEOUT = 30.0  # seconds for connect + dump before giving up and reconnecting
 
 
 def _link(msg: Any) -> dict[str, Any] | None:
@@ -34,10 +44,20 @@ def _link(msg: Any) -> dict[str, Any] | None:
 
 
 class LinkSource:
-    def __init__(self, prefix: str, netns: str = "", name: str = "links") -> None:
+    gates_sync = False  # the agent applies without waiting for us (links change no rule)
+
+    def __init__(self, prefix: str, netns: str = "", name: str = "links", *, stall_after: float = STALL_AFTER,
+                 sync_timeout: float = SYNC_TIMEOUT) -> None:
         self.prefix = prefix
         self.netns = netns
         self.name = name
+        self.stall_after = stall_after
+        self.sync_timeout = sync_timeout
+        # Written by the monitor thread, read by health() from any thread (plain attribute writes).
+        self._beat = time.monotonic()
+        self._state = "starting"  # starting | in_sync | reconnecting
+        self._detail = "waiting for the first netlink dump"
+        self._died: str | None = None
         self._sink: Sink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -56,21 +76,67 @@ class LinkSource:
         self._stopping = True
         loop, task = self._loop, self._task
         if loop is not None and task is not None:
-            loop.call_soon_threadsafe(task.cancel)
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:
+                pass  # the loop is closed already: the thread is gone
         if self._thread is not None:
-            self._thread.join(10)
+            self._thread.join(5)  # a monitor blocked in a netlink call is a daemon thread: left behind
+
+    def health(self) -> dict[str, Any]:
+        """healthy / state / detail, for /status. Never blocks (reads attributes only)."""
+        thread = self._thread
+        if thread is None:
+            return {"healthy": False, "state": "not_started", "detail": ""}
+        if self._stopping:
+            return {"healthy": True, "state": "stopped", "detail": ""}
+        if not thread.is_alive():
+            return {"healthy": False, "state": "dead", "detail": self._died or "monitor thread exited"}
+        silent = time.monotonic() - self._beat
+        if silent > self.stall_after:
+            return {"healthy": False, "state": "stalled",
+                    "detail": f"monitor event loop blocked for {silent:.0f}s (in {self._state}: {self._detail})"}
+        if self._state == "in_sync":
+            return {"healthy": True, "state": "in_sync", "detail": f"{len(self._links)} links"}
+        return {"healthy": False, "state": self._state, "detail": self._detail}
 
     def _thread_main(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
+        beat = None
         try:
+            beat = loop.create_task(self._heartbeat())
             self._task = loop.create_task(self._run())
             self._started.set()
             loop.run_until_complete(self._task)
         except asyncio.CancelledError:
             pass
+        except BaseException as exc:
+            self._died = f"monitor thread died: {type(exc).__name__}: {exc}"
+            log.error("link_monitor_died", error=str(exc), error_type=type(exc).__name__)
+            self._emit(SourceError(self.name, f"link monitor: {self._died}", "watch"))
         finally:
+            if beat is not None:
+                beat.cancel()
+                try:
+                    loop.run_until_complete(beat)
+                except BaseException:
+                    pass
             self._started.set()
             loop.close()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self._beat = time.monotonic()
+            await asyncio.sleep(min(1.0, self.stall_after / 4))
+
+    async def _connect_and_dump(self, ipr: Any) -> dict[str, dict[str, Any]]:
+        await ipr.bind()
+        links = {}
+        async for msg in await ipr.link("dump"):
+            link = _link(msg)
+            if link and link["ifname"].startswith(self.prefix):
+                links[link["ifname"]] = link
+        return links
 
     def _emit(self, event: Any) -> None:
         if self._sink is not None and not self._stopping:
@@ -86,15 +152,14 @@ class LinkSource:
             try:
                 # flags=0: attach to an existing netns, never create one (pyroute2 defaults to O_CREAT).
                 ipr = AsyncIPRoute(netns=self.netns, flags=0) if self.netns else AsyncIPRoute()
-                await ipr.bind()
-                links = {}
-                async for msg in await ipr.link("dump"):
-                    link = _link(msg)
-                    if link and link["ifname"].startswith(self.prefix):
-                        links[link["ifname"]] = link
+                try:
+                    links = await asyncio.wait_for(self._connect_and_dump(ipr), self.sync_timeout)
+                except TimeoutError:
+                    raise TimeoutError(f"no netlink dump within {self.sync_timeout:g}s") from None
                 self._links = links
                 self._emit(Replace(self.name, "Link", dict(links)))
                 self._emit(InSync(self.name))
+                self._state = "in_sync"
                 log.info("link_monitor_in_sync", netns=self.netns or None, links=len(links), resync=not first)
                 first = False
                 backoff = 0.5
@@ -107,6 +172,7 @@ class LinkSource:
                 if self._stopping:
                     break
                 log.warning("link_monitor_failed", error=str(exc), retry_in=backoff)
+                self._state, self._detail = "reconnecting", f"link monitor: {exc}"
                 self._emit(SourceError(self.name, f"link monitor: {exc}", "watch"))
                 await asyncio.sleep(backoff * (1 + random.random() * 0.2))
                 backoff = min(backoff * 2, 30.0)

@@ -10,7 +10,15 @@ For the lab and for hosts without an API server (``policy-agent run --manifests 
 - A file with any bad object is reported as SourceError naming the file, the
   object and the field, and its *last good content* is kept as a whole: applying
   half a file could drop a deny-all while keeping an allow, i.e. widen access.
-  A file that was never good contributes nothing. Other files are unaffected.
+  A file that was never good contributes nothing of its own, except: a bad
+  NetworkPolicy with no version in the file's last good content is enforced as
+  its no-allow fallback (model.parse.fallback_network_policy; it isolates what it
+  selects, allows nothing), so a new unparseable deny never leaves its pods open.
+  A bad Namespace with no good version gets its stand-in too (model.parse.
+  fallback_namespace: its labels as selectors would see them), since a missing
+  Namespace would be matched by its name label only. A fallback yields to a
+  parsed object of the same key in any file. Other files are unaffected. See
+  docs/decisions/policy-fallback.md.
 - The same object in two files: the first file (path order) wins, the other is
   reported.
 - Emits Replace per kind (the store diffs it against what it has, so only real
@@ -32,14 +40,17 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from policy_agent.model.parse import load_yaml_keep_going
-from policy_agent.model.types import Namespace, NetworkPolicy, Pod
+from policy_agent.model.types import ClusterNetworkPolicy, Namespace, NetworkPolicy, Node, Pod, PodIPPolicy
 from policy_agent.sources.events import InSync, Replace, Sink, SourceError
+
+# Metric label values of degraded_policies() (bounded).
+DEGRADED_MODES = ("last_good", "fallback")
 
 log = structlog.get_logger(__name__)
 
 _CHANGE_EVENTS = frozenset({"created", "modified", "deleted", "moved", "closed"})
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
-KINDS = ("Namespace", "Pod", "NetworkPolicy")
+KINDS = ("Namespace", "Pod", "NetworkPolicy", "ClusterNetworkPolicy", "Node")
 
 
 class _Wake(FileSystemEventHandler):
@@ -158,16 +169,32 @@ def _kind(obj: Any) -> str:
         return "Pod"
     if isinstance(obj, NetworkPolicy):
         return "NetworkPolicy"
+    if isinstance(obj, ClusterNetworkPolicy):
+        return "ClusterNetworkPolicy"
+    if isinstance(obj, Node):
+        return "Node"
     raise TypeError(obj)
 
 
 class ManifestSource:
-    def __init__(self, directory: str, name: str | None = None, poll_interval: float = 10.0) -> None:
+    def __init__(
+        self,
+        directory: str,
+        name: str | None = None,
+        poll_interval: float = 10.0,
+        pod_ip_policy: PodIPPolicy | None = None,
+    ) -> None:
         self.directory = os.path.abspath(directory)
+        self.pod_ip_policy = pod_ip_policy or PodIPPolicy()
         self.name = name or f"manifests:{self.directory}"
         self._watch = WatchedDir(self.directory, _is_manifest, self._rescan, recursive=True,
                                  poll_interval=poll_interval, name="manifest-source")
         self._good: dict[str, list[Any]] = {}  # file -> objects of its last good version
+        # bad file -> fallbacks of its bad policies that have no version in _good[file]
+        self._fallbacks: dict[str, list[Any]] = {}
+        # bad file -> keys of its bad policies enforced from the file's last good content
+        self._kept: dict[str, set[Any]] = {}
+        self._degraded: dict[str, int] = dict.fromkeys(DEGRADED_MODES, 0)
         self._errors: dict[str, tuple[str, ...]] = {}  # file -> current error messages
         self._emitted: dict[str, dict[Any, Any]] = {}
         self._sink: Sink | None = None
@@ -185,6 +212,10 @@ class ManifestSource:
     def stop(self) -> None:
         self._watch.stop()
 
+    def degraded_policies(self) -> dict[str, int]:
+        """Bad NetworkPolicies enforced from their last good version / as a fallback, by mode."""
+        return dict(self._degraded)
+
     def _error(self, message: str, kind: str = "", key: Any = None) -> None:
         log.warning("manifest_error", source=self.name, message=message)
         if self._sink:
@@ -200,24 +231,55 @@ class ManifestSource:
             objects: list = []
             parse_errors: list = []
         else:
-            objects, parse_errors = load_yaml_keep_going(text, rel)
+            objects, parse_errors = load_yaml_keep_going(text, rel, fallbacks=True, pod_ip_policy=self.pod_ip_policy)
             errors = tuple(str(e) for e in parse_errors)
         if not errors:
             self._good[path] = objects
+            self._fallbacks.pop(path, None)
+            self._kept.pop(path, None)
             if self._errors.pop(path, None) is not None:
                 log.info("manifest_file_fixed", file=rel, objects=len(objects))
             return
+        good_policies = {o.key for o in self._good.get(path, ()) if isinstance(o, NetworkPolicy)}
+        fallbacks = {
+            o.key: o for o in objects
+            if isinstance(o, NetworkPolicy) and o.fallback_reason and o.key not in good_policies
+        }
+        # A Namespace that never parsed: its stand-in (labels matched as written).
+        good_ns = {o.name for o in self._good.get(path, ()) if isinstance(o, Namespace)}
+        bad_ns = {e.ref for e in parse_errors if e.kind == "Namespace"} - good_ns
+        ns_fallbacks = [o for o in objects if isinstance(o, Namespace) and o.name in bad_ns]
+        # Policies of this read that parsed but are not in the last good content (a file
+        # that never parsed, or a policy added in the broken edit) are enforced as written:
+        # dropping them with their neighbours' errors would leave their pods open.
+        fresh = [
+            o for o in objects
+            if isinstance(o, NetworkPolicy) and not o.fallback_reason and o.key not in good_policies
+        ]
+        self._fallbacks[path] = list(fallbacks.values()) + ns_fallbacks + fresh
+        self._kept[path] = {
+            _policy_key(e.ref) for e in parse_errors if e.kind == "NetworkPolicy"
+        } & good_policies
         if self._errors.get(path) == errors:
             return  # already reported
         self._errors[path] = errors
         kept = len(self._good.get(path, ()))
         for i, msg in enumerate(errors):
             e = parse_errors[i] if i < len(parse_errors) else None
-            self._error(
-                f"{msg} (keeping the file's last good content: {kept} objects)",
-                kind=getattr(e, "kind", ""),
-                key=getattr(e, "ref", rel),
-            )
+            kind, ref = getattr(e, "kind", ""), getattr(e, "ref", rel)
+            what = f"keeping the file's last good content: {kept} objects"
+            fb = fallbacks.get(_policy_key(ref)) if kind == "NetworkPolicy" else None
+            if fb is not None:
+                sel = "all pods of the namespace" if fb.pod_selector.is_empty else fb.pod_selector.canonical()
+                dirs = "+".join(t.value for t in fb.policy_types)
+                what += f"; enforcing a fallback for {ref}: isolates {sel} for {dirs}, allows nothing"
+            elif kind == "NetworkPolicy" and _policy_key(ref) in good_policies:
+                what += f", including the last good version of {ref}"
+            log.warning("manifest_bad_object", file=rel, kind=kind, key=ref,
+                        field=getattr(e, "field_path", ""),
+                        enforced="fallback" if fb is not None else (
+                            "last_good" if _policy_key(ref) in self._kept[path] else "nothing"))
+            self._error(f"{msg} ({what})", kind=kind, key=ref)
 
     def _rescan(self, initial: bool = False) -> None:
         with self._lock:
@@ -228,6 +290,8 @@ class ManifestSource:
                 return
             for p in removed:
                 self._good.pop(p, None)
+                self._fallbacks.pop(p, None)
+                self._kept.pop(p, None)
                 self._errors.pop(p, None)
             for p in changed:
                 self._read(p)
@@ -251,11 +315,28 @@ class ManifestSource:
                         continue
                     origin[(kind, key)] = path
                     merged[kind][key] = obj
+            # Fallbacks last: any parsed version of the same object, in any file, wins.
+            n_fallback = 0
+            for path in sorted(self._fallbacks):
+                for fb in self._fallbacks[path]:
+                    same = merged[_kind(fb)]
+                    if _key(fb) not in same:
+                        same[_key(fb)] = fb
+                        n_fallback += isinstance(fb, NetworkPolicy) and bool(fb.fallback_reason)
+            self._degraded = {
+                "last_good": len(set().union(*self._kept.values())) if self._kept else 0,
+                "fallback": n_fallback,
+            }
             for kind in KINDS:
                 if initial or merged[kind] != self._emitted.get(kind):
                     self._emitted[kind] = merged[kind]
                     if self._sink:
                         self._sink(Replace(self.name, kind, dict(merged[kind])))
+
+
+def _policy_key(ref: str) -> tuple[str, str]:
+    ns, _, name = ref.partition("/")
+    return (ns, name)
 
 
 def _ref(key: Any) -> str:

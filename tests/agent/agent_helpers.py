@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-import time
-from typing import Callable
 
+from helpers.agent_process import wait_for as wait_for  # re-exported: the agent tests import it from here
 from policy_agent.model.types import (
     LabelSelector,
     Labels,
@@ -19,16 +18,6 @@ from policy_agent.model.types import (
 )
 from policy_agent.shared.naming import veth_name
 from policy_agent.sources.events import InSync, Replace
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def make_pod(ns: str, name: str, ips=(), node: str | None = "n1", labels=None) -> Pod:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import urllib.error
 import urllib.request
 
 import pytest
 from agent_helpers import ManualSource, iface, make_pod, wait_for
+from obs_helpers import http_get, short_dir
 
+from policy_agent import logs
 from policy_agent.agent import Agent
 from policy_agent.compiler.options import NodeConfig
 from policy_agent.dataplane.apply import Dataplane
@@ -28,7 +31,7 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def _status(server) -> dict:
-    code, body = _get(server.url + "/status")
+    code, _, body = http_get(server.socket_path, "/status")  # root-only Unix socket
     assert code == 200
     return json.loads(body)
 
@@ -43,29 +46,33 @@ def _metric(server, name: str) -> float | None:
 
 @pytest.fixture
 def make(tmp_path):
+    # Plain tracebacks, as the entry points log them: the unconfigured default renders every
+    # frame's locals (megabytes per failed apply), which alone takes longer than these waits.
+    logs.configure("console", "info")
     made = []
+    with short_dir() as sock_dir:
 
-    def start(**kw):
-        kernel = FakeKernel()
-        kube, cni = ManualSource("kube"), ManualSource("cni")
-        kw.setdefault("gc_freeze", False)
-        agent = Agent(NodeConfig("n1"), Dataplane(kernel=kernel, retries=1, backoff=0.0), [kube, cni],
-                      status_dir=str(tmp_path / "st"), min_interval=0.0, refresh_interval=0, **kw)
-        server = ObsServer(agent, "127.0.0.1", 0)
-        server.start()
-        agent.start()
-        made.append((agent, server))
-        kube.replace("Pod", {("x", "a"): make_pod("x", "a", ["10.233.0.10"])})
-        kube.in_sync()
-        cni.replace("Endpoint", {})
-        cni.in_sync()
-        wait_for(lambda: _get(server.url + "/readyz")[0] == 200, what="ready")
-        return agent, server, kernel, kube, cni
+        def start(**kw):
+            kernel = FakeKernel()
+            kube, cni = ManualSource("kube"), ManualSource("cni")
+            kw.setdefault("gc_freeze", False)
+            agent = Agent(NodeConfig("n1"), Dataplane(kernel=kernel, retries=1, backoff=0.0), [kube, cni],
+                          status_dir=str(tmp_path / "st"), min_interval=0.0, refresh_interval=0, **kw)
+            server = ObsServer(agent, "127.0.0.1", 0, socket_path=os.path.join(sock_dir, f"a{len(made)}.sock"))
+            server.start()
+            agent.start()
+            made.append((agent, server))
+            kube.replace("Pod", {("x", "a"): make_pod("x", "a", ["10.233.0.10"])})
+            kube.in_sync()
+            cni.replace("Endpoint", {})
+            cni.in_sync()
+            wait_for(lambda: _get(server.url + "/readyz")[0] == 200, what="ready")
+            return agent, server, kernel, kube, cni
 
-    yield start
-    for agent, server in made:
-        agent.stop()
-        server.stop()
+        yield start
+        for agent, server in made:
+            agent.stop()
+            server.stop()
 
 
 def test_readyz_turns_503_after_consecutive_failures_and_back_after_recovery(make):
@@ -84,8 +91,12 @@ def test_readyz_turns_503_after_consecutive_failures_and_back_after_recovery(mak
     assert st["applied_generation"] < st["observed_generation"]
     assert _metric(server, "policy_agent_apply_consecutive_failures") >= 3
     wait_for(lambda: _metric(server, "policy_agent_ready") == 0, what="ready gauge 0")
-    _, text = _get(server.url + "/metrics")
+    # The raw error is for root (socket), not for every local user of the TCP port.
+    text = http_get(server.socket_path, "/metrics")[2]
     assert 'policy_agent_last_apply_error_info{error="' in text and "injected failure" in text
+    _, text = _get(server.url + "/metrics")
+    assert "policy_agent_last_apply_error" not in text and "injected failure" not in text
+    assert "policy_agent_apply_consecutive_failures" in text
 
     kernel.fail_next = 0  # the kernel recovers: the retry (backoff <= 10 s) succeeds
     wait_for(lambda: _get(server.url + "/readyz")[0] == 200, timeout=60, what="ready again")
@@ -156,7 +167,9 @@ def test_heap_is_frozen_after_the_first_apply(make):
     try:
         assert gc.get_freeze_count() == 0
         agent, *_ = make(gc_freeze=True)
-        assert agent.ready and gc.get_freeze_count() > 0
+        assert agent.ready
+        # The loop freezes right after the apply that made it ready: wait for that step.
+        wait_for(lambda: gc.get_freeze_count() > 0, 10, what="heap frozen after the first apply")
     finally:
         gc.unfreeze()
 

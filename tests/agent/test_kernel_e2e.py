@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 from agent_helpers import wait_for
+from helpers.agent_process import AgentProcess, write_atomic
+from helpers.kernel_lab import node_with_pods
 
 from policy_agent.agent import Agent
 from policy_agent.compiler.options import NodeConfig
@@ -64,32 +62,13 @@ spec:
 """
 
 
-def _write(path, text: str) -> None:
-    tmp = str(path) + ".tmp~"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 @pytest.fixture
 def lab():
     role = f"e{os.getpid() % 100000}"
-    node = netns.unique_name("ag", "node")
     pods = {p: netns.unique_name("ag", f"{p}{role[-3:]}") for p in IPS}
-    server = None
-    try:
-        netns.create(node)
-        netns.enable_forwarding(node)
-        for p, ns in pods.items():
-            netns.create(ns)
-            netns.add_veth(node, ns, veth_name("eni", "x", p), [IPS[p]])
-        server = netns.start_server(pods["b"], tcp_ports=[PORT])
-        yield node, pods
-    finally:
-        if server is not None:
-            netns.stop_server(server)
-        for ns in [*pods.values(), node]:
-            netns.delete(ns)
+    with node_with_pods(netns.unique_name("ag", "node"), pods, {p: [ip] for p, ip in IPS.items()},
+                        lambda p: veth_name("eni", "x", p), serve=["b"], tcp_ports=[PORT]) as made:
+        yield made
 
 
 def _save(node: str) -> str:
@@ -120,27 +99,28 @@ def test_manifest_change_to_rules_to_traffic(lab, tmp_path):
     agent.start()
     try:
         assert agent.wait_ready(60), agent.status()
-        assert agent.status()["counts"]["links"] == 3  # the link monitor saw our veths in the netns
+        # The link monitor saw our veths in the netns (it does not gate readiness: links change no rule).
+        wait_for(lambda: agent.status()["counts"]["links"] == 3, what="links seen")
         assert _reach(pods, "a") and _reach(pods, "c")  # no policy: open
         assert ep.read_status(status_dir, "x", "b").interface == veth_name("eni", "x", "b")
 
-        _write(mdir / "deny.yaml", DENY_ALL)
+        write_atomic(mdir / "deny.yaml", DENY_ALL)
         _eventually(pods, "a", False)
         assert not _reach(pods, "c")
 
-        _write(mdir / "allow.yaml", ALLOW_A_TO_B)
+        write_atomic(mdir / "allow.yaml", ALLOW_A_TO_B)
         _eventually(pods, "a", True)
         assert not _reach(pods, "c")
         wait_for(lambda: ep.read_status(status_dir, "x", "b").policies == ("x/allow-a", "x/deny-all"),
                  what="status lists the policies")
 
         # Pod label change: a is no longer app=a, c becomes app=a.
-        _write(mdir / "pods.yaml", _pods_yaml({"a": "z", "c": "a"}))
+        write_atomic(mdir / "pods.yaml", _pods_yaml({"a": "z", "c": "a"}))
         _eventually(pods, "a", False)
         _eventually(pods, "c", True)
 
         # A broken edit keeps the last good policy enforcing.
-        _write(mdir / "allow.yaml", ALLOW_A_TO_B.replace("port: 8080", "port: -1"))
+        write_atomic(mdir / "allow.yaml", ALLOW_A_TO_B.replace("port: 8080", "port: -1"))
         wait_for(lambda: agent.status()["errors"]["recent"], what="error surfaced in status")
         time.sleep(0.5)
         assert _reach(pods, "c") and not _reach(pods, "a")
@@ -182,45 +162,22 @@ def test_link_monitor_in_netns():
         netns.delete(node)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_run_command_sigterm_leaves_rules_enforcing(lab, tmp_path):
     node, pods = lab
     mdir = tmp_path / "manifests"
     mdir.mkdir()
     (mdir / "pods.yaml").write_text(_pods_yaml({}))
     (mdir / "deny.yaml").write_text(DENY_ALL)
-    port = _free_port()
-    env = {**os.environ, "POLICY_AGENT_METRICS_PORT": str(port), "POLICY_AGENT_REFRESH_INTERVAL": "5"}
-    cmd = [sys.executable, "-m", "policy_agent.cli", "--log-format", "json", "run", "--node", "n1",
-           "--manifests", str(mdir), "--netns", node, "--endpoint-dir", str(tmp_path / "ep"),
-           "--status-dir", str(tmp_path / "st")]
-    log = open(tmp_path / "agent.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    agent = AgentProcess(node, tmp_path, state_file=False)
     try:
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "agent.log").read_text()
-                return False
-
-        wait_for(ready, 90, what="agent ready")
+        agent.start()
         assert not _reach(pods, "a")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-        text = (tmp_path / "agent.log").read_text()
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(60) == 0
+        text = agent.log()
         assert "agent_exit" in text
         # The process is gone; its rules are not.
         assert "pa-pi-x.deny-all" in _save(node)
         assert not _reach(pods, "a") and not _reach(pods, "c")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+        agent.stop()

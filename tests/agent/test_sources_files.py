@@ -153,7 +153,7 @@ def test_broken_file_keeps_last_good_content_and_others_unaffected(mdir):
         src.stop()
 
 
-def test_file_broken_from_the_start_contributes_nothing(mdir):
+def test_file_broken_from_the_start_contributes_its_policies_and_fallbacks(mdir):
     (mdir / "a.yaml").write_text(NS_AND_POD)
     (mdir / "p.yaml").write_text(POLICY + "---\n" + BROKEN_POLICY.replace("allow-web", "other"))
     c = Collector()
@@ -161,7 +161,13 @@ def test_file_broken_from_the_start_contributes_nothing(mdir):
     src.start(c)
     try:
         assert c.in_sync == 1
-        assert c.get("NetworkPolicy") == {}  # half a file is never applied
+        # Its policies that parse are enforced as written (NetworkPolicies only add allows,
+        # so a subset of a file's policies is never wider than the whole, while dropping
+        # them would leave their pods open); the bad one isolates its pods, allowing nothing.
+        pols = c.get("NetworkPolicy")
+        assert sorted(pols) == [("x", "allow-web"), ("x", "other")]
+        assert not pols[("x", "allow-web")].fallback_reason
+        assert pols[("x", "other")].fallback_reason and pols[("x", "other")].ingress == ()
         assert len(c.errors) == 1 and "document 2" in c.errors[0].message
         assert ("x", "web") in c.get("Pod")
     finally:

@@ -44,8 +44,13 @@ def _wait(pred, timeout: float, what: str, interval: float = 0.2):
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
 
 
+# Written by scripts/build-kube-apiserver.sh into binaries that carry its reflect2 fix
+# (without it the first custom resource written crashes the server): older ones are rebuilt.
+BUILD_STAMP = ".reflect2-go118"
+
+
 def ensure_binaries() -> Path:
-    if not (CACHE / "kube-apiserver").exists() or not (CACHE / "kubectl").exists():
+    if not all((CACHE / f).exists() for f in ("kube-apiserver", "kubectl", BUILD_STAMP)):
         print(f"\nbuilding kube-apiserver {KUBE_VERSION} (first run only)...", file=sys.stderr)
         subprocess.run(
             ["bash", str(REPO / "scripts" / "build-kube-apiserver.sh")],

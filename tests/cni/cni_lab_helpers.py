@@ -155,7 +155,7 @@ class Lab:
         return c
 
     def env(self, command: str, cid: str = "", netns: str = "", pod: str = "", ns: str = "default",
-            ifname: str = "eth0") -> dict:
+            ifname: str = "eth0", uid: str = "") -> dict:
         e = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
         e.update(CNI_COMMAND=command, CNI_PATH=CNI_BIN, CNI_IFNAME=ifname)
         if cid:
@@ -164,6 +164,8 @@ class Lab:
             e["CNI_NETNS"] = netns if netns.startswith("/") else f"/var/run/netns/{netns}"
         if pod:
             e["CNI_ARGS"] = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={cid}"
+            if uid:
+                e["CNI_ARGS"] += f";K8S_POD_UID={uid}"
         return e
 
     def cni(self, command: str, conf: dict | str | None = None, **envkw) -> tuple[int, dict | None, str]:

@@ -103,8 +103,9 @@ def test_add_check_del_builds_and_removes_everything(make_lab):
     assert n4 and n4[0]["lladdr"] == host_mac and "PERMANENT" in n4[0]["state"]
     n6 = [n for n in neighs(netns, "-6") if n["dst"] == "fe80::1"]
     assert n6 and n6[0]["lladdr"] == host_mac and "PERMANENT" in n6[0]["state"]
-    # primary ENI: no policy rules
-    assert not [r for r in rules(lab.node) if r.get("dst") == ip4 or r.get("src") == ip4]
+    # primary ENI: the 512 to-pod rule only (AWS adds it for every pod), no 1536 from-pod rule
+    assert [(r["priority"], r["table"]) for r in rules(lab.node)
+            if r.get("dst") == ip4 or r.get("src") == ip4] == [(512, "main")]
     # endpoint record
     rec = endpoint.read_record(os.path.join(lab.endpoint_dir, "shop.web-1.json"))
     assert rec.interface == host_veth and rec.container_id == "cid-web-1" and set(rec.ips) == {ip4, ip6}
@@ -150,7 +151,8 @@ def test_secondary_eni_gets_policy_routing_and_custom_prefix(make_lab):
     from_rule = [r for r in rs if r.get("src") == ip2]
     assert [(r["priority"], r["table"]) for r in to_rule] == [(512, "main")]
     assert [(r["priority"], r["table"]) for r in from_rule] == [(1536, "2")]
-    assert not [r for r in rs if ip1 in (r.get("dst"), r.get("src"))]
+    # The primary ENI's pod has the 512 to-pod rule too (AWS adds it for every pod), no 1536.
+    assert [(r["priority"], r["table"]) for r in rs if ip1 in (r.get("dst"), r.get("src"))] == [(512, "main")]
     rc, out, err = lab.cni("CHECK", lab.conf(prevResult=r2), cid="cid-b", netns=ns2, pod="b")
     assert rc == 0, (out, err)
     sh("ip", "-n", lab.node, "rule", "del", "priority", "1536", "from", ip2)

@@ -92,17 +92,26 @@ def test_bad_input_gives_a_clear_cni_error(command, stdin, env, code, words):
     assert set(out) <= {"cniVersion", "code", "msg", "details"}
 
 
-def test_del_without_daemon_succeeds_and_drops_record(tmp_path):
+def test_del_without_daemon_succeeds_and_drops_only_its_own_record(tmp_path):
+    from policy_agent.shared.endpoint import EndpointRecord, write_record
+
+    conf = json.dumps({**GOOD, "endpointDir": str(tmp_path)})
     rec = tmp_path / "default.p.json"
-    rec.write_text("{}")
-    rc, out, text = run("DEL", json.dumps({**GOOD, "endpointDir": str(tmp_path)}), **ADD_ENV)
+    # a newer sandbox's record (another container id) stays
+    write_record(str(tmp_path), EndpointRecord("default", "p", "c2", "enix", ("10.233.0.2",)))
+    rc, out, text = run("DEL", conf, **ADD_ENV)
+    assert rc == 0 and out is None, text
+    assert rec.exists()
+    write_record(str(tmp_path), EndpointRecord("default", "p", "c1", "enix", ("10.233.0.1",)))
+    rc, out, text = run("DEL", conf, **ADD_ENV)
     assert rc == 0 and out is None, text
     assert not rec.exists()
 
 
 def test_executable_imports_stay_light():
     code = ("import sys, cni_shim.__main__, cni_shim.protocol, cni_shim.client; "
-            "print(sorted(m for m in ('pyroute2','yaml','structlog','kubernetes','iptc') if m in sys.modules))")
+            "print(sorted(m for m in ('pyroute2','yaml','structlog','kubernetes','iptc','boto3','botocore')"
+            " if m in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "[]"
 
@@ -120,9 +129,9 @@ def test_warm_eni_target_claims_one_eni_of_addresses_then_more_on_demand():
     assert p.stats(0).total == 9 and p.stats(0).enis == 1
     for i in range(5):
         p.allocate(("n", f"c{i}", "eth0"), 0)
-    p.reconcile(0)  # 4 free < 9 wanted: attach the next ENI, claim the 5 missing
+    p.reconcile(0)  # 4 free < 9 wanted: attach the next ENI and fill it (as ipamd does)
     st = p.stats(0)
-    assert st.enis == 2 and st.total == 14 and st.available == 9
+    assert st.enis == 2 and st.total == 18 and st.available == 13
 
 
 def test_warm_ip_and_minimum_targets_grow_and_shrink():

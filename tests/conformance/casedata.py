@@ -62,7 +62,8 @@ class State:
 
 def key_of(obj: dict) -> tuple[str, str, str]:
     meta = obj.get("metadata") or {}
-    ns = "" if obj["kind"] == "Namespace" else meta.get("namespace", "default")
+    cluster_scoped = obj["kind"] in ("Namespace", "ClusterNetworkPolicy", "Node")
+    ns = "" if cluster_scoped else meta.get("namespace", "default")
     return (obj["kind"], ns, meta["name"])
 
 

@@ -64,7 +64,7 @@ def probe_all(lab: L.Lab, pods: list[str]) -> dict:
 
 def reset(lab: L.Lab, base: casedata.State) -> None:
     """Back to the base cluster: no policies, base labels."""
-    policies = [d for k, d in lab.objects.items() if k.startswith("NetworkPolicy/")]
+    policies = [d for k, d in lab.objects.items() if k.startswith(("NetworkPolicy/", "ClusterNetworkPolicy/"))]
     if policies:
         lab.delete(policies)
     changed = [d for (kind, ns, name), d in base.objects.items()
@@ -130,9 +130,10 @@ def write_report() -> None:
     sctp = [r for r in RESULTS.values() if r["sctp"]]
     sctp_ok = sum(1 for r in sctp if not r["wrong"])
     cells = sum(r["cells"] for r in RESULTS.values())
-    added = sum(1 for c in CASES if c.upstream.startswith("none"))
+    cnp = sum(1 for c in CASES if c.name.startswith("ClusterNetworkPolicy"))
+    added = sum(1 for c in CASES if c.upstream.startswith("none")) - cnp
     lines = [
-        "# NetworkPolicy conformance",
+        "# NetworkPolicy and ClusterNetworkPolicy conformance",
         "",
         "The upstream Kubernetes e2e NetworkPolicy tests (`test/e2e/network/netpol/`: namespaces x, y, z;",
         "pods a, b, c; ports 80 and 81 on TCP and UDP) ported as data to `tests/conformance/cases/`,",
@@ -140,9 +141,13 @@ def write_report() -> None:
         "enforcing in the node namespace, real connections from inside the pod namespaces).",
         "Expected truth tables are derived from NetworkPolicy semantics and cross-checked with the",
         "independent evaluator `tests/reference_eval.py` (`tests/conformance/test_conformance_data.py`).",
-        f"{n - added} cases port an upstream `ginkgo.It` (named after it; the `upstream` field of each file",
+        f"{n - added - cnp} cases port an upstream `ginkgo.It` (named after it; the `upstream` field of each file",
         f"gives the full text); {added} more cover corners the upstream suite does not probe (named ports",
         "with the wrong protocol, ingress except clauses, both-directions-must-allow, policyTypes edge cases).",
+        f"{cnp} cases (`*-cnp-*`) cover ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2): each action in",
+        "the Admin and Baseline tiers, Pass through NetworkPolicy to Baseline, priorities and ties, rule order,",
+        "the three port forms, IPv4/IPv6 networks, and NetworkPolicies on the same pods; their truth tables",
+        "are written from the API's semantics (`docs/decisions/cluster-network-policy.md`).",
         "",
         "Run it yourself (root): `.venv/bin/pytest tests/conformance -v`; try one case by hand with",
         "`policy-agent lab up --spec tests/conformance/cluster.yaml`, `policy-agent lab apply -f POLICY`,",

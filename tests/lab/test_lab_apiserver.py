@@ -53,6 +53,15 @@ def test_lab_with_apiserver_and_kubectl(tmp_path):
         relabelled = dict(docs[1], metadata={"namespace": "x", "name": "a", "labels": {"pod": "a", "trusted": "yes"}})
         lab.apply([relabelled])
         assert lab.probe(80, "TCP", "x/a", "x/b", attempts=3)[0]["connected"] is True
+
+        # A pod added to the running lab is created in the API too (it used to be wired but
+        # never created there, so the agent kept it isolated), and the policy lets it in.
+        late = dict(docs[1], metadata={"namespace": "x", "name": "c", "labels": {"pod": "c", "trusted": "yes"}})
+        assert lab.apply([late]) == ["Pod/x/c"]
+        assert lab.kubectl(["get", "pod", "-n", "x", "c", "-o", "name"]) == 0
+        assert lab.probe(80, "TCP", "x/c", "x/b", attempts=3)[0]["connected"] is True
+        assert lab.probe(80, "TCP", "x/b", "x/c", attempts=3)[0]["connected"] is True
+        pids["agent"] = lab.pids["agent"]
     finally:
         L.down(name)
     assert netns.list_names(L.netns_prefix(name)) == []

@@ -16,11 +16,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
 
-# What the agent may do, and nothing more (issue 7): read pods, namespaces, policies.
+# What the agent may do, and nothing more (issue 7): read pods, namespaces, policies;
+# issue 14: ClusterNetworkPolicies, and nodes for their `nodes` peers.
 ALLOWED_RBAC = {
     ("", "pods"): {"get", "list", "watch"},
     ("", "namespaces"): {"get", "list", "watch"},
+    ("", "nodes"): {"get", "list", "watch"},
     ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch"},
+    ("policy.networking.k8s.io", "clusternetworkpolicies"): {"get", "list", "watch"},
+    # issue 15: Events on NetworkPolicies the agent cannot enforce (its one write).
+    ("", "events"): {"create", "patch"},
 }
 AGENT_CAPABILITIES = {"NET_ADMIN", "NET_RAW"}
 

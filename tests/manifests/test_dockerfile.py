@@ -83,6 +83,25 @@ def test_final_stage_has_the_tools_and_no_compiler():
     assert user == ["0:0"]  # root, documented: iptables needs it
 
 
+def test_no_stage_installs_a_compiler():
+    """python-iptables (the only dependency with a C extension) is a bench extra, not a
+    runtime requirement: the image builds from wheels alone."""
+    text = " ".join(args for word, args in INSTRS if word == "RUN")
+    for pkg in ("gcc", "build-essential", "libc6-dev", "python3-dev"):
+        assert not re.search(rf"\b{re.escape(pkg)}\b", text), pkg
+
+
+def test_runtime_requirements_have_no_bench_only_library():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    runtime = cfg["options"]["install_requires"]
+    assert "python-iptables" not in runtime and "matplotlib" not in runtime
+    bench = cfg["options.extras_require"]["bench"]
+    assert "python-iptables" in bench and "matplotlib" in bench
+
+
 def test_label_version_is_the_package_version():
     labels = " ".join(args for word, args in INSTRS if word == "LABEL")
     assert f'org.opencontainers.image.version="{package_version()}"' in labels

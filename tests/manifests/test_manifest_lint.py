@@ -87,7 +87,10 @@ def test_probe_lint_catches_missing_probe_and_node_address():
     "rule",
     [
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
-        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["get"]},
+        {"apiGroups": ["policy.networking.k8s.io"], "resources": ["clusternetworkpolicies/status"], "verbs": ["update"]},
+        {"apiGroups": ["policy.networking.k8s.io"], "resources": ["adminnetworkpolicies"], "verbs": ["list"]},
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]},
         {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
         {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["*"]},

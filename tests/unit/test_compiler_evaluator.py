@@ -242,6 +242,9 @@ def walk(state: DesiredState, builtin: str, p: Packet) -> Trace:
             return Trace(a.verb, trace)
         if a.verb == "RETURN":
             continue
+        if a.verb == "NFLOG":  # a flow log never decides
+            stack.append((chain, i + 1))
+            continue
         if a.verb == "MARK":
             assert a.mark is not None
             mark = (mark & ~a.mark[1]) | a.mark[0]

@@ -178,6 +178,44 @@ def _antispoof_packets(node: str) -> int:
     return sum(int(line.split()[0]) for line in out.splitlines() if "anti-spoofing" in line)
 
 
+def _established_from_pod_packets(node: str) -> int:
+    out = netns.run(node, "iptables", "-L", "pa-FORWARD", "-v", "-n", "-x").stdout
+    return sum(int(line.split()[0]) for line in out.splitlines() if "flow from a local pod address" in line)
+
+
+def test_established_flow_from_a_pod_costs_one_rule_and_forgery_none_of_it(namespaces):
+    """Every packet of an established flow between two local pods is accepted by the
+    first rule of pa-FORWARD (the conntrack accept that checks the pod's own address
+    and interface); a forged datagram carrying that flow's tuple from a third pod is
+    not, and is dropped by anti-spoofing (the next rule)."""
+    node, pns = _three_pods(namespaces)
+    netns.ip(pns["a"], "addr", "add", "10.233.0.31/32", "dev", "eth0")
+    c = _udp(pns["c"], ("10.233.0.32", 7777))
+    b = _udp(pns["b"], ("10.233.0.31", 5555))
+    a = _udp(pns["a"], ("10.233.0.31", 5555))
+    try:
+        for attempt in range(5):
+            b.sendto(b"hello %d" % attempt, ("10.233.0.32", 7777))
+            if _received(c, 1.0):
+                break
+        c.sendto(b"reply", ("10.233.0.31", 5555))
+        assert b"reply" in _received(b, 2.0)
+        out = netns.run(node, "iptables", "-L", "pa-FORWARD", "-v", "-n", "-x").stdout
+        first = next(line for line in out.splitlines() if line.split() and line.split()[0].isdigit())
+        assert "flow from a local pod address" in first  # the fast path is rule 1
+        est, spoof = _established_from_pod_packets(node), _antispoof_packets(node)
+        for i in range(5):
+            b.sendto(b"genuine %d" % i, ("10.233.0.32", 7777))
+        assert len(_received(c, 2.0)) == 5
+        assert _established_from_pod_packets(node) == est + 5 and _antispoof_packets(node) == spoof
+        a.sendto(b"forged", ("10.233.0.32", 7777))
+        assert b"forged" not in _received(c, 1.5)
+        assert _established_from_pod_packets(node) == est + 5 and _antispoof_packets(node) == spoof + 1
+    finally:
+        for s in (a, b, c):
+            s.close()
+
+
 def test_pod_cannot_connect_with_another_local_pods_address(namespaces):
     """a holds b's address as a secondary one (as a privileged pod could) and uses it to
     connect to c: dropped before any policy, even though nobody is isolated."""
@@ -232,8 +270,15 @@ def test_forged_packet_of_an_established_udp_flow_is_not_delivered(namespaces):
         assert _antispoof_packets(node) > before
         b.sendto(b"genuine", ("10.233.0.32", 7777))
         assert b"genuine" in _received(c, 2.0)  # the real flow is untouched
-        # control: remove anti-spoofing from pa-FORWARD (rule 1) and forge again
-        netns.run(node, "iptables", "-D", "pa-FORWARD", "1")
+        # The established accept that a's forged datagram reached first needs the
+        # (source, interface) pair in the endpoints set, so it passed over it: its
+        # counter did not move for the forgery.
+        assert _established_from_pod_packets(node) > 0
+        # control: remove the anti-spoofing drop from pa-FORWARD and forge again: the
+        # "-o eni+" established accept now takes it (it is part of b <-> c's flow)
+        out = netns.run(node, "iptables", "-L", "pa-FORWARD", "--line-numbers", "-n").stdout
+        num = next(line.split()[0] for line in out.splitlines() if "anti-spoofing" in line)
+        netns.run(node, "iptables", "-D", "pa-FORWARD", num)
         a.sendto(b"forged again", ("10.233.0.32", 7777))
         assert b"forged again" in _received(c, 2.0)
     finally:

@@ -309,10 +309,16 @@ def test_anti_spoofing():
     assert t.verdict == "ACCEPT" and [c for c, _ in t.rules] == ["pa-FORWARD"]
     ok6 = Packet("fd00:233::10", "2001:db8::1", in_iface=iface_of(WEB), out_iface=HOST_IFACE)
     assert allowed(walk(s, "FORWARD", ok6))
-    # the anti-spoofing rule is the first of pa-FORWARD, ahead of the conntrack accept
-    first = s.table(4)[naming.CHAIN_FORWARD].rules[0]
-    assert first.match.src_iface_set_negate and first.action.verb == "DROP"
-    assert first.match.src_iface_set == naming.ipset_name(4, "e", "local-endpoints")
+    # pa-FORWARD: the established accept for packets from pods (rule 1) needs the
+    # (source, interface) pair in the endpoints set; anti-spoofing drops every other
+    # packet from a pod next, ahead of any other verdict
+    own = naming.ipset_name(4, "e", "local-endpoints")
+    first, second = s.table(4)[naming.CHAIN_FORWARD].rules[:2]
+    assert first.match.in_iface == "eni+" and first.match.ctstate == ("RELATED", "ESTABLISHED")
+    assert first.match.src_iface_set == own and not first.match.src_iface_set_negate
+    assert first.action.verb == "ACCEPT"
+    assert second.match.src_iface_set == own and second.match.src_iface_set_negate
+    assert second.action.verb == "DROP" and second.match.in_iface == "eni+"
 
 
 def test_local_endpoints_set_pairs_each_address_with_its_interface():
@@ -376,7 +382,11 @@ def test_node_to_own_pods_is_allowed_and_pod_to_node_passes_egress():
     new_to_host = Packet("10.233.0.10", "10.0.0.1", in_iface=iface_of(WEB))
     assert walk(s, "INPUT", new_to_host).verdict == "DROP"  # egress deny applies to the node too
     s = state_of(*NS, *PODS)
-    assert walk(s, "INPUT", new_to_host).verdict == "ACCEPT"  # endpoint_to_host_action ACCEPT
+    # endpoint_to_host_action RETURN (default): the host's own INPUT rules decide
+    assert walk(s, "INPUT", new_to_host).verdict == "CONTINUE"
+    assert walk(s, "INPUT", reply).verdict == "CONTINUE"  # established flows too
+    s = state_of(*NS, *PODS, endpoint_to_host_action="ACCEPT")
+    assert walk(s, "INPUT", new_to_host).verdict == "ACCEPT"
     s = state_of(*NS, *PODS, endpoint_to_host_action="DROP")
     assert walk(s, "INPUT", new_to_host).verdict == "DROP"
     assert allowed(walk(s, "INPUT", reply))

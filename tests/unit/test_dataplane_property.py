@@ -12,7 +12,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policy_agent.dataplane import sample as s
+from policy_agent.lab import specs as s
 from policy_agent.dataplane.apply import Dataplane, DataplaneError
 from policy_agent.dataplane.fake import FakeKernel
 from policy_agent.dataplane.ipsets import parse_ipset_save

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from policy_agent.dataplane import sample as s
+from policy_agent.lab import specs as s
 from policy_agent.dataplane.apply import Dataplane
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from policy_agent.dataplane import sample as s
+from policy_agent.lab import specs as s
 from policy_agent.dataplane.kernel import binary, legacy_available
 from policy_agent.lab import netns
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from policy_agent.dataplane import sample as s
+from policy_agent.lab import specs as s
 from policy_agent.dataplane.apply import Dataplane
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -35,17 +35,17 @@ def test_dump_shows_kernel_counters_origins_sets_and_endpoints_then_cleanup(lab,
     assert {h["chain"] for h in v4["hooks"]} == {"INPUT", "FORWARD", "OUTPUT"}
     rules = {c["name"]: c["rules"] for c in v4["chains"]}
     pi = rules["pa-pi-x.allow-to-a"]
-    assert pi[0]["origin"] == "x/allow-to-a ingress rule 0" and pi[0]["packets"] >= 1  # b's SYN hit it
+    assert pi[0]["origin"].startswith("x/allow-to-a ingress rule 0 ") and pi[0]["packets"] >= 1  # b's SYN hit it
     assert not any("KUBE" in c for c in rules)
     sets = {x["name"]: x for x in doc["ipsets"]}
-    peer = next(x for x in sets.values() if x["family"] == 4)
-    assert peer["members"] == [lab.ips["b"][0]] and peer["origin"] == "selector ns=x pods=app=b"
+    peer = next(x for x in sets.values() if x["family"] == 4 and x["name"].startswith("pa4s"))
+    assert peer["members"] == [lab.ips["b"][0]] and peer["origin"] == "pods matching app=b in namespace x"
     a = next(e for e in doc["endpoints"] if e["pod"] == "a")
     assert a["programmed"] and a["ingress_policies"] == ["x/allow-to-a"] and a["ips"] == list(lab.ips["a"])
     assert a["kernel_ingress_chains"] == ["pa-pi-x.allow-to-a"]
 
     text = cli("dump", "--netns", lab.node, "--backend", lab.backend, "--state-file", state)
-    assert "# x/allow-to-a ingress rule 0" in text and "selector ns=x pods=app=b" in text
+    assert "# x/allow-to-a ingress rule 0" in text and "pods matching app=b in namespace x" in text
 
     cli("cleanup", "--netns", lab.node, "--backend", lab.backend, "--state-file", state)
     assert lab.snapshot() == before

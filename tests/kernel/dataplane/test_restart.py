@@ -69,7 +69,7 @@ def test_restart_and_policy_change_keep_enforcing(lab):
 
 
 def test_other_backend_is_swept(lab):
-    from policy_agent.dataplane import sample as s
+    from policy_agent.lab import specs as s
     from policy_agent.dataplane.apply import Dataplane
     from policy_agent.dataplane.backend import other_backend
     from policy_agent.dataplane.kernel import legacy_available

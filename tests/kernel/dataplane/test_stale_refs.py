@@ -177,5 +177,9 @@ def test_hash_net_iface_sets_apply_match_refresh_and_update(node):
     assert member(E4, "10.233.1.6,eni1234567890a") and not member(E4, "10.233.1.5,eni1234567890a")
     assert dp.refresh().lines_written == 0
 
-    with pytest.raises(ValueError, match="interface"):
-        dp.apply(state(("10.233.1.6/32,this-name-is-too-long",), ()), allow_sweep=True)
+    # A member we cannot even parse no longer fails the apply (that wedged the node): it
+    # is set aside and reported; the set is written without it (anti-spoofing: fail closed).
+    r = dp.apply(state(("10.233.1.6/32,this-name-is-too-long",), ()), allow_sweep=True)
+    assert [(x["kind"], x["member"]) for x in r.set_aside] == [("member", "10.233.1.6/32,this-name-is-too-long")]
+    assert "interface" in r.set_aside[0]["error"]
+    assert not member(E4, "10.233.1.6,eni1234567890a")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policy_agent.dataplane import sample as s
+from policy_agent.lab import specs as s
 from policy_agent.dataplane.apply import Dataplane
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -55,7 +55,7 @@ def test_tampering_is_repaired_by_refresh(lab):
     assert lab.can("b", "a", 80) and not lab.can("c", "a", 80, timeout=0.5)
     from policy_agent.lab import netns
 
-    peer_set = next(n for n, x in d.ipsets.items() if x.family == 4)
+    peer_set = next(n for n, x in d.ipsets.items() if x.family == 4 and n.startswith("pa4s"))  # allow-to-a's peers
     tw = "pa-tw-" + lab.pod("a").iface
     netns.run(lab.node, "ipset", "del", peer_set, lab.ips["b"][0])
     assert not lab.can("b", "a", 80, timeout=0.5)  # the tampering took effect
