@@ -73,7 +73,8 @@ def _run_agent_until_ready(tmp_path: Path, env: dict[str, str], node: str) -> tu
     ns = netns.unique_name("ops", "kc")
     netns.create(ns)
     port = _free_port()
-    full_env = {"PATH": os.environ["PATH"], "POLICY_AGENT_METRICS_PORT": str(port), **env}
+    full_env = {"PATH": os.environ["PATH"], "POLICY_AGENT_METRICS_PORT": str(port),
+                "POLICY_AGENT_FLOW_LOG_FILE": str(tmp_path / "flows.jsonl"), **env}
     cmd = [sys.executable, "-m", "policy_agent.cli", "--log-format", "json", "run", "--node", node,
            "--netns", ns, "--endpoint-dir", str(tmp_path / "ep"), "--status-dir", str(tmp_path / "st")]
     log = open(tmp_path / "agent.log", "w")
