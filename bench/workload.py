@@ -142,3 +142,18 @@ def packet_pair(pods) -> tuple[Pod, Pod]:
     """(server, client): see the module docstring."""
     by_key = {p.key: p for p in pods}
     return by_key[("ns-001", "p-001")], by_key[("ns-001", "p-002")]
+
+
+# New connections per second for the per-packet benches: run with `python -c` inside the
+# client pod's netns as `IP PORT N CAP_SECONDS`; prints connections per second.
+CONN_CLIENT = """
+import socket, sys, time
+ip, port, n, cap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+done, t0 = 0, time.perf_counter()
+while done < n and time.perf_counter() - t0 < cap:
+    c = socket.create_connection((ip, port), timeout=2)
+    c.recv(64)
+    c.close()
+    done += 1
+print(done / (time.perf_counter() - t0))
+"""

@@ -41,17 +41,6 @@ from policy_agent.lab import netns  # noqa: E402
 from policy_agent.shared.naming import CHAIN_FORWARD  # noqa: E402
 
 AREA = "i13bfv"
-CONN_CLIENT = """
-import socket, sys, time
-ip, port, n, cap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-done, t0 = 0, time.perf_counter()
-while done < n and time.perf_counter() - t0 < cap:
-    c = socket.create_connection((ip, port), timeout=2)
-    c.recv(64)
-    c.close()
-    done += 1
-print(done / (time.perf_counter() - t0))
-"""
 BYPASS = "-m comment --comment bench-bypass -j ACCEPT"
 CT_ONLY = "-m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment bench-ct-only -j ACCEPT"
 
@@ -144,7 +133,7 @@ def main() -> int:
                 out = netns.run(pc, "iperf3", "-c", s_ip, "-p", str(iperf_port), "-t", str(args.seconds), "-J",
                                 timeout=60).stdout
                 res[f"tput_{mode}"].append(json.loads(out)["end"]["sum_received"]["bits_per_second"])
-                cps = netns.run(pc, sys.executable, "-c", CONN_CLIENT, s_ip, str(conn_port), str(args.conns), "30",
+                cps = netns.run(pc, sys.executable, "-c", w.CONN_CLIENT, s_ip, str(conn_port), str(args.conns), "30",
                                 timeout=60).stdout
                 res[f"cps_{mode}"].append(float(cps))
     finally:

@@ -63,17 +63,6 @@ from policy_agent.model.types import Peer as MPeer  # noqa: E402
 
 AREA = "dpbench"
 
-CONN_CLIENT = """
-import socket, sys, time
-ip, port, n, cap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-done, t0 = 0, time.perf_counter()
-while done < n and time.perf_counter() - t0 < cap:
-    c = socket.create_connection((ip, port), timeout=2)
-    c.recv(64)
-    c.close()
-    done += 1
-print(done / (time.perf_counter() - t0))
-"""
 
 CHILD_APPLY = """
 import pickle, sys, time
@@ -264,7 +253,7 @@ def per_packet(backend: str, d, pods, rounds: int, seconds: float, conns: int) -
                 out = netns.run(pc, "iperf3", "-c", s_ip, "-p", str(iperf_port), "-t", str(seconds), "-J",
                                 timeout=60).stdout
                 res[f"tput_{mode}"].append(json.loads(out)["end"]["sum_received"]["bits_per_second"])
-                cps = netns.run(pc, sys.executable, "-c", CONN_CLIENT, s_ip, str(conn_port), str(conns), "30",
+                cps = netns.run(pc, sys.executable, "-c", w.CONN_CLIENT, s_ip, str(conn_port), str(conns), "30",
                                 timeout=60).stdout
                 res[f"cps_{mode}"].append(float(cps))
         switch("rules")
