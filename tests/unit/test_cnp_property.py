@@ -17,24 +17,20 @@ import ipaddress
 import os
 import sys
 
-import pytest
-from hypothesis import given, note
+from hypothesis import given
 from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import reference_eval as ref  # noqa: E402
 from test_property import (  # noqa: E402
     CONFIGS,
     EXTERNAL,
     NODE_IPS,
     NODES,
     POD_KEYS,
-    PORTS,
     SETTINGS,
-    _ip,
     cluster_st,
-    cluster_verdict,
+    compare_with_reference,
     ns_selector_st,
     render_all,
     selector_st,
@@ -140,27 +136,7 @@ def _check_against_reference(objects) -> int:
     externals = EXTERNAL + tuple(NODE_IPS.values()) + ("fd00:233::33",)
     pairs = [(a, b) for a in pods for b in pods if a is not b]
     pairs += [(a, e) for a in pods for e in externals] + [(e, a) for a in pods for e in EXTERNAL]
-    checked = 0
-    for src, dst in pairs:
-        for family in (4, 6):
-            if _ip(src, family) is None or _ip(dst, family) is None:
-                continue
-            s = _ip(src, family) if isinstance(src, str) else src
-            d = _ip(dst, family) if isinstance(dst, str) else dst
-            for protocol, ports in (("TCP", PORTS), ("UDP", PORTS), ("SCTP", (80,))):
-                for port in ports:
-                    want = ref.allowed(snap, ref.resolve(snap, s, family), ref.resolve(snap, d, family), protocol, port)
-                    got, traces = cluster_verdict(states, snap, s, d, protocol, port, family)
-                    if got != want:
-                        note("\n".join(traces))
-                        name = lambda e: e.ref if isinstance(e, Pod) else e  # noqa: E731
-                        pytest.fail(
-                            f"IPv{family} {protocol} {name(src)} -> {name(dst)}:{port}: "
-                            f"compiled={'allow' if got else 'deny'} reference={'allow' if want else 'deny'}\n"
-                            + "\n".join(traces)
-                        )
-                    checked += 1
-    return checked
+    return compare_with_reference(snap, states, pairs)
 
 
 @SETTINGS
