@@ -6,11 +6,25 @@
 #
 # The base is pinned by its full tag (a Python patch release on Debian 12); both stages
 # use the same one, so the virtualenv's interpreter path is valid in the final stage.
+# BASE is the one switch between the two routes: the default above for docker with a
+# registry, or a Debian bookworm root file system built by mmdebstrap (Debian's python3
+# with `python` and venv support) where no image registry is reachable:
+#   scripts/build-images.sh  (buildah bud --build-arg BASE=localhost/policy-agent-base:bookworm)
+ARG BASE=python:3.11.11-slim-bookworm
 
 # --- build: install the project into a venv; pip and the build tools stay in this stage.
 # Every runtime dependency ships a wheel (python-iptables, the one that needed a C
 # compiler, is a benchmark-only extra now), so no compiler is installed anywhere.
-FROM python:3.11.11-slim-bookworm AS build
+FROM ${BASE} AS build
+# The index settings of the machine that builds (passed by scripts/build-images.sh from
+# its own pip configuration; unset, and ignored by pip when empty, in the docker route).
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
+ARG PIP_CONSTRAINT
+ARG PIP_DEFAULT_TIMEOUT
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -19,13 +33,16 @@ COPY pyproject.toml setup.cfg README.md ./
 COPY policy_agent ./policy_agent
 COPY cni_shim ./cni_shim
 # A venv without pip: the image carries the project and its runtime dependencies only
-# (no pip, no setuptools, no test extras).
+# (no pip, no setuptools, no test extras). pip runs from a throwaway venv of this stage
+# (ensurepip, offline), so a base without a system pip (Debian's python3) works too.
 RUN python -m venv --without-pip /opt/policy-agent \
- && pip --python /opt/policy-agent/bin/python install --no-compile . \
+ && python -m venv /tmp/pip \
+ && /tmp/pip/bin/pip --python /opt/policy-agent/bin/python install --no-compile . \
+ && rm -rf /tmp/pip \
  && find /opt/policy-agent -name '__pycache__' -prune -exec rm -rf {} +
 
 # --- runtime ------------------------------------------------------------------------
-FROM python:3.11.11-slim-bookworm
+FROM ${BASE}
 # iptables (both the nft and the legacy backend: the agent follows the host's),
 # ipset, iproute2. --no-install-recommends keeps out everything else.
 RUN apt-get update \

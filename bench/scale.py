@@ -5,11 +5,14 @@ For each size (pods; 0.2 policies per pod, 20 pods per namespace, 110 local pods
   dataplane  bench/dataplane/run.py --pods N --no-packets, nft and legacy
                                                       from empty vs raw restore, deltas
   agent      bench/agent/latency.py --scale N         event -> enforced p99, RSS (in-process source)
-Sizes above --dataplane-max / --agent-max run the compile part only (said in the output).
+  kube       bench/agent/kube_scale.py --pods N       against a real kube-apiserver: restart to ready,
+                                                      agent RSS, informer list cost, event -> enforced p99
+Sizes above --dataplane-max / --agent-max / --kube-max run the compile part only (said in the output).
 Then draw the curves with bench/plot.py.
 
 usage: sudo .venv/bin/python bench/scale.py [--sizes 2000,10000,50000,100000]
-           [--dataplane-max 50000] [--agent-max 50000] [--out bench/results/scale.json]
+           [--dataplane-max 50000] [--agent-max 50000] [--kube-max 50000] [--parts compile,dataplane,agent,kube]
+           [--out bench/results/scale.json]
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ def main() -> int:
     ap.add_argument("--agent-max", type=int, default=50_000)
     ap.add_argument("--backends", default="nft,legacy")
     ap.add_argument("--events", type=int, default=100, help="agent events per scenario")
-    ap.add_argument("--parts", default="compile,dataplane,agent", help="which benchmarks to (re)run")
+    ap.add_argument("--kube-max", type=int, default=50_000)
+    ap.add_argument("--kube-events", type=int, default=200, help="changes per kind against the API server")
+    ap.add_argument("--parts", default="compile,dataplane,agent,kube", help="which benchmarks to (re)run")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "scale.json"))
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
@@ -56,7 +61,7 @@ def main() -> int:
     parts = set(args.parts.split(","))
     for n in sizes:
         entry = result["sizes"].setdefault(str(n), {})
-        reps = 300 if n <= 10_000 else 100
+        reps = 200  # a p99 per kind of change
         if "compile" in parts:
             print(f"[{n}] compile", file=sys.stderr, flush=True)
             entry["compile"] = run([os.path.join(HERE, "compile", "run.py"), "--pods", str(n), "--reps", str(reps)],
@@ -78,6 +83,14 @@ def main() -> int:
                                   "--events", str(args.events), "--idle", "10"], 1800)
         else:
             entry["agent_skipped"] = f"above --agent-max {args.agent_max}"
+        if "kube" not in parts:
+            pass
+        elif n <= args.kube_max:
+            print(f"[{n}] agent against kube-apiserver", file=sys.stderr, flush=True)
+            entry["kube"] = run([os.path.join(HERE, "agent", "kube_scale.py"), "--pods", str(n), "--events",
+                                 str(args.kube_events)], 3600)
+        else:
+            entry["kube_skipped"] = f"above --kube-max {args.kube_max}"
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -4,12 +4,20 @@ Stdlib only: it runs in the image with the shim's light dependencies, and it
 builds what it installs from the shim's own stdlib-only modules.
 
     python -m cni_shim.install [--root /host] [--conflist FILE] [--on-foreign refuse|merge|override]
+                               [--host-runtime auto|system|bundled]
     python -m cni_shim.install --root /host --uninstall
 
 What it writes (paths below --root, which is where the init container mounts the host):
   <bin-dir>/vpcip-cni           a zip application (shebang + zip, like `python -m zipapp`) holding
-                                cni_shim and policy_agent.shared, run by the *host's* python3
-                                (the runtime executes CNI plugins on the host, not in our image)
+                                cni_shim and policy_agent.shared (the runtime executes CNI plugins
+                                on the host, not in our image), run by, per --host-runtime:
+                                  system   the host's python3 >= 3.9 (--python)
+                                  bundled  a runtime copied from this image (hosts without python,
+                                           e.g. Bottlerocket; see cni_shim.runtime_bundle)
+                                  auto     (default) system if <root><python> is python3 >= 3.9,
+                                           else bundled
+  <bin-dir>/vpcip-cni.d/<id>/   bundled only: the interpreter, its loader and libraries, and the
+                                stdlib modules the executable imports
   <conf-dir>/<name>             the conflist (default name 05-vpcip.conflist)
 
 Rules (docs/install.md "The CNI installer"):
@@ -17,8 +25,8 @@ Rules (docs/install.md "The CNI installer"):
     renamed over the target; readers (the runtime) see the old file or the new one, never a part.
   * Idempotent: a file whose bytes and mode already match is not touched; a second run
     changes nothing. The executable is byte-for-byte reproducible (fixed zip timestamps).
-  * Order: the executable first, then the conflist (a conflist naming a missing binary would
-    fail every pod); uninstall goes the other way round.
+  * Order: the bundled runtime (if any), then the executable, then the conflist (a conflist
+    naming a missing binary would fail every pod); uninstall goes the other way round.
   * A CNI config file is "ours" if its first plugin (or, for a .conf, the file itself) has
     type vpcip-cni. Ours under another name (an earlier --name) is removed after the new one
     is in place.
@@ -53,8 +61,10 @@ DEFAULT_BIN_DIR = "/opt/cni/bin"
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
 DEFAULT_CONFLIST_NAME = "05-vpcip.conflist"
 DEFAULT_PYTHON = "/usr/bin/python3"
-# The host interpreter must be at least this (python_requires of the project).
-MIN_HOST_PYTHON = (3, 11)
+# The host interpreter must be at least this: Amazon Linux 2023 ships 3.9. The executable's
+# modules are checked against it (tests/cni/test_host_python.py), the bootstrap refuses older.
+MIN_HOST_PYTHON = (3, 9)
+HOST_RUNTIMES = ("auto", "system", "bundled")
 CONFIG_EXTENSIONS = (".conf", ".conflist", ".json")  # what libcni reads, in file-name order
 MERGEABLE_PLUGINS = ("portmap", "bandwidth", "tuning")
 ON_FOREIGN = ("refuse", "merge", "override")
@@ -181,12 +191,16 @@ def _source_files(entry: str = ENTRY_MODULE) -> list[tuple[str, bytes]]:
     return sorted(out)
 
 
-def build_executable(python: str = DEFAULT_PYTHON, version: str | None = None, entry: str = ENTRY_MODULE) -> bytes:
-    """The executable's bytes: '#!<python> -I' + a deterministic zip.
+def build_executable(python: str = DEFAULT_PYTHON, version: str | None = None, entry: str = ENTRY_MODULE,
+                     launcher: str = "") -> bytes:
+    """The executable's bytes: '#!<python> -I' (or '#!<launcher>') + a deterministic zip.
 
     -I (isolated mode) keeps PYTHONPATH and user site-packages of the runtime's
-    environment out of a program that runs as root on the host.
+    environment out of a program that runs as root on the host; a bundled runtime's
+    launcher passes -IS itself.
     """
+    if launcher:
+        python = launcher
     if not python.startswith("/") or any(c.isspace() for c in python):
         raise InstallError(f"--python {python!r} must be an absolute path without spaces")
     buf = io.BytesIO()
@@ -202,7 +216,7 @@ def build_executable(python: str = DEFAULT_PYTHON, version: str | None = None, e
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, data, compresslevel=9)
-    return f"#!{python} -I\n".encode() + buf.getvalue()
+    return (f"#!{launcher}\n" if launcher else f"#!{python} -I\n").encode() + buf.getvalue()
 
 
 def is_our_executable(path: str) -> bool:
@@ -317,10 +331,85 @@ def cni_config_files(conf_dir: str) -> list[str]:
     )
 
 
+# --- the host's python ------------------------------------------------------------
+
+def _resolve_in_root(root: str, path: str, depth: int = 0) -> str | None:
+    """path (absolute, as the host sees it) with every symlink resolved inside root;
+    None if it does not exist. Absolute link targets are host paths, hence under root."""
+    parts = [p for p in path.split("/") if p]
+    resolved = "/"
+    for i, part in enumerate(parts):
+        candidate = os.path.normpath(os.path.join(resolved, part)) if part != ".." else os.path.dirname(resolved)
+        local = _under(root, candidate)
+        if os.path.islink(local):
+            if depth > 40:
+                return None
+            target = os.readlink(local)
+            rest = "/".join(parts[i + 1:])
+            base = target if target.startswith("/") else os.path.join(resolved, target)
+            return _resolve_in_root(root, os.path.normpath(os.path.join(base, rest)), depth + 1)
+        if not os.path.lexists(local):
+            return None
+        resolved = candidate
+    return resolved
+
+
+def host_python_version(root: str, python: str) -> tuple[int, int] | None:
+    """(major, minor) of the host's interpreter at <root><python>, judged without running it
+    (its libraries are the host's, not ours): the resolved file name python3.N, else the one
+    stdlib directory <prefix>/lib*/python3.N/ beside it. None if absent or undecidable."""
+    import glob
+    import re
+
+    real = _resolve_in_root(root, python)
+    if real is None or not os.path.isfile(_under(root, real)):
+        return None
+    m = re.fullmatch(r"python(\d+)\.(\d+)", os.path.basename(real))
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    prefix = os.path.dirname(os.path.dirname(real))
+    found = {
+        (int(m.group(1)), int(m.group(2)))
+        for d in glob.glob(os.path.join(_under(root, prefix), "lib*", "python3.*", "os.py"))
+        for m in [re.search(r"python(\d+)\.(\d+)/os\.py$", d)] if m
+    }
+    return found.pop() if len(found) == 1 else None
+
+
+def choose_host_runtime(host_runtime: str, root: str, python: str) -> str:
+    """'system' or 'bundled' for --host-runtime auto|system|bundled."""
+    if host_runtime not in HOST_RUNTIMES:
+        raise InstallError(f"--host-runtime must be one of {', '.join(HOST_RUNTIMES)}, not {host_runtime!r}")
+    if host_runtime != "auto":
+        return host_runtime
+    from cni_shim import runtime_bundle
+
+    found = host_python_version(root, python)
+    choice = "system" if found is not None and found >= MIN_HOST_PYTHON else "bundled"
+    if choice == "bundled" and not runtime_bundle.supported():
+        # Before the bundle existed every node ran the host's python3; keep that where we cannot bundle.
+        log.warning("cni_host_runtime_bundle_unsupported machine=%s fallback=system host_python=%s",
+                    os.uname().machine, python)
+        choice = "system"
+    log.info("cni_host_runtime_chosen runtime=%s host_python=%s found=%s", choice, python,
+             ".".join(map(str, found)) if found else "none")
+    return choice
+
+
+def _search_path() -> list[str]:
+    """Where this image's cni_shim and policy_agent packages live (for the bundle's probe)."""
+    import cni_shim
+    import policy_agent
+
+    return sorted({os.path.dirname(os.path.dirname(os.path.abspath(p.__file__))) for p in (cni_shim, policy_agent)})
+
+
 # --- install / uninstall -----------------------------------------------------------
 
 @dataclass
 class Report:
+    host_runtime: str = "system"
+    bundle: str = ""  # the bundle directory the executable uses (host path below --root), if any
     changed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -375,22 +464,51 @@ def install(
     name: str = DEFAULT_CONFLIST_NAME,
     on_foreign: str = "refuse",
     python: str = DEFAULT_PYTHON,
+    host_runtime: str = "system",
 ) -> Report:
+    """Install; host_runtime defaults to "system" here (the explicit --python contract),
+    the command line defaults to "auto"."""
+    from cni_shim import runtime_bundle
+
     if not name.endswith(".conflist") or "/" in name or name.startswith("."):
         raise InstallError(f"--name {name!r} must be a plain file name ending in .conflist")
     bdir, cdir = _under(root, bin_dir), _under(root, conf_dir)
     conf = validate_conflist(conflist if conflist is not None else default_conflist(), "conflist")
     # Decide everything before the first write: a refusal leaves the node untouched.
     conf, merged, dropped = plan_conflist(conf, cdir, bdir, name, on_foreign)
-    exe = build_executable(python)
-    report = Report(merged_plugins=merged, dropped_plugins=dropped)
+    runtime = choose_host_runtime(host_runtime, root, python)
+    exe_path = os.path.join(bdir, EXECUTABLE_NAME)
+    bundle = None
+    if runtime == "bundled":
+        try:
+            bundle = runtime_bundle.build(os.path.join(bin_dir, EXECUTABLE_NAME), _search_path())
+        except runtime_bundle.BundleError as exc:
+            raise InstallError(f"--host-runtime=bundled: {exc}") from None
+        exe = build_executable(launcher=bundle.shebang_interpreter)
+    else:
+        exe = build_executable(python)
+    report = Report(host_runtime=runtime, bundle=bundle.dirname if bundle else "",
+                    merged_plugins=merged, dropped_plugins=dropped)
     os.makedirs(bdir, exist_ok=True)
     os.makedirs(cdir, exist_ok=True)
+    # Order: the bundle, then the executable naming it, then the conflist naming that.
+    previous = runtime_bundle.target_of(exe_path)
+    bundles = exe_path + runtime_bundle.BUNDLE_DIR_SUFFIX
+    if bundle is not None:
+        try:
+            written = runtime_bundle.write(bundle, bundles, _search_path())
+        except runtime_bundle.BundleError as exc:
+            raise InstallError(f"--host-runtime=bundled: {exc}") from None
+        (report.changed if written else report.unchanged).append(os.path.join(bundles, bundle.ident))
     for path, data, mode in (
-        (os.path.join(bdir, EXECUTABLE_NAME), exe, 0o755),
+        (exe_path, exe, 0o755),
         (os.path.join(cdir, name), render_conflist(conf), 0o644),
     ):
         (report.changed if write_atomic(path, data, mode) else report.unchanged).append(path)
+    # Keep the bundle the previous executable named: a CNI call started before the rename
+    # may still be loading from it. It goes at the next run.
+    keep = {previous} | ({bundle.ident} if bundle else set())
+    report.removed.extend(runtime_bundle.prune(bundles, keep))
     for other in cni_config_files(cdir):
         path = os.path.join(cdir, other)
         if other != name and is_our_config(path):
@@ -416,6 +534,9 @@ def uninstall(root: str = "/", bin_dir: str = DEFAULT_BIN_DIR, conf_dir: str = D
         report.removed.append(exe)
     elif os.path.exists(exe):
         log.warning("uninstall_kept_foreign_executable path=%s", exe)
+    from cni_shim import runtime_bundle
+
+    report.removed.extend(runtime_bundle.prune(exe + runtime_bundle.BUNDLE_DIR_SUFFIX, set()))
     return report
 
 
@@ -432,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-foreign", choices=ON_FOREIGN, default="refuse",
                    help="what to do when another CNI config exists (default: refuse)")
     p.add_argument("--python", default=DEFAULT_PYTHON, help="the host's python3 (shebang of the executable)")
+    p.add_argument("--host-runtime", choices=HOST_RUNTIMES, default="auto",
+                   help="who runs vpcip-cni on the host: the host's python3 >= 3.9 (system), a runtime "
+                        "copied from this image to <bin-dir>/vpcip-cni.d (bundled), or system if the "
+                        "host has such a python, else bundled (auto, default)")
     p.add_argument("--uninstall", action="store_true", help="remove our conflist(s) and executable")
     return p
 
@@ -454,13 +579,16 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as exc:
                 raise InstallError(f"--conflist {args.conflist}: not valid JSON: {exc}") from None
             validate_conflist(conflist, args.conflist)
-        report = install(args.root, args.bin_dir, args.conf_dir, conflist, args.name, args.on_foreign, args.python)
+        report = install(args.root, args.bin_dir, args.conf_dir, conflist, args.name, args.on_foreign, args.python,
+                         args.host_runtime)
     except InstallError as exc:
         log.error("cni_install_failed error=%s", exc)
         return 2
     log.info(
-        "cni_installed version=%s changed=%s unchanged=%s removed=%s merged_plugins=%s dropped_plugins=%s",
+        "cni_installed version=%s host_runtime=%s changed=%s unchanged=%s removed=%s merged_plugins=%s "
+        "dropped_plugins=%s",
         _package_version(),
+        report.host_runtime,
         ",".join(report.changed) or "-",
         ",".join(report.unchanged) or "-",
         ",".join(report.removed) or "-",

@@ -169,6 +169,13 @@ class Explanation:
         fallbacks = [s.comment for s in self.trace if " fallback: " in s.comment]
         if fallbacks:
             second += " Enforced as an unparseable policy's no-allow fallback: " + "; ".join(fallbacks) + "."
+        standins = [s.comment for s in self.trace if ", unparseable: " in s.comment and _CNP_RULE_RE.match(s.comment)]
+        if standins:
+            second += (" Enforced as an unparseable ClusterNetworkPolicy's deny-all stand-in: "
+                       + "; ".join(standins) + ".")
+        notes = [s.comment for s in self.trace if _CNP_NOTE_RE.match(s.comment)]
+        if notes:
+            second += " Not enforced: " + "; ".join(notes) + "."
         return f"{first} {second}"
 
     def tier_decisions(self) -> list[str]:
@@ -194,8 +201,14 @@ class Explanation:
 
 # Comments written by policy_agent.compiler.chains (cnp_chain, _policy_block).
 _CNP_RULE_RE = re.compile(
-    r"^(?P<tier>admin|baseline) tier cnp (?P<name>\S+) priority (?P<prio>\d+) (?P<dir>ingress|egress) "
-    r"rule (?P<rule>\d+)[^:]*: (?P<action>Accept|Deny|Pass)(?:, rule name=(?P<rname>.*))?$"
+    r"^(?P<tier>admin|baseline) tier cnp (?P<name>\S+) priority (?P<prio>-?\d+) (?P<dir>ingress|egress) "
+    r"rule (?P<rule>\d+)[^:]*: (?P<action>Accept|Deny|Pass)(?:, rule name=(?P<rname>.*?))?"
+    r"(?:, unparseable: (?P<why>.*))?$"
+)
+# A rule compiled as a no-op that says why it is not enforced (domainNames Accept).
+_CNP_NOTE_RE = re.compile(
+    r"^(?P<tier>admin|baseline) tier cnp (?P<name>\S+) priority (?P<prio>-?\d+) (?:ingress|egress) "
+    r"rule (?P<rule>\d+) peer \d+ (?P<what>domainNames \S*): not enforced, (?P<why>.*)$"
 )
 _OPEN_RE = re.compile(r": no policy selects the pod for (ingress|egress): allow$")
 _NP_DENY_RE = re.compile(r": no (ingress|egress) policy allowed the packet$")
@@ -234,12 +247,21 @@ def tier_decisions(trace: Iterable[TraceStep]) -> list[str]:
         prev = step
         if current is None:
             continue
+        note = _CNP_NOTE_RE.match(step.comment)
+        if note:
+            events.append(
+                f"{_TIER_TITLE[note.group('tier')]}: {note.group('name')} priority {note.group('prio')} rule "
+                f"{note.group('rule')}: {note.group('what')} not enforced ({note.group('why')})"
+            )
+            continue
         m = _CNP_RULE_RE.match(step.comment)
         if m and (action := _cnp_action(step, m)):
             rname = f" ({m.group('rname')})" if m.group("rname") else ""
             tier = m.group("tier")
+            why = f" [stand-in for an unparseable policy: {m.group('why')}]" if m.group("why") else ""
             events.append(
-                f"{_TIER_TITLE[tier]}: {m.group('name')} priority {m.group('prio')} rule {m.group('rule')}{rname}: {action}"
+                f"{_TIER_TITLE[tier]}: {m.group('name')} priority {m.group('prio')} rule {m.group('rule')}{rname}: "
+                f"{action}{why}"
             )
             if action != "Pass":
                 decided = f"{_TIER_TITLE[tier]} ({action})"

@@ -9,6 +9,13 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(iptables ipset iproute2 conntrack kmod procps python3-venv python3-dev gcc
               containernetworking-plugins socat iperf3 netcat-openbsd etcd-server etcd-client openssl rsync
               ca-certificates curl git nftables)
+# --with-cluster (scripts/test.sh): also what the Kubernetes build, the offline images and
+# the real-cluster tier need, in this one apt run, so that their scripts (which run in the
+# background and install these themselves when run alone) never race for apt's lock.
+if [[ ${1:-} == --with-cluster ]]; then
+    APT_PACKAGES+=(golang-go dpkg-dev make libc6-dev etcd-server etcd-client
+                   containerd runc mmdebstrap buildah)
+fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,4 +1,6 @@
-"""Suite-wide rules: kernel and apiserver tests need root; in CI a skip of one is a failure."""
+"""Suite-wide rules: kernel, apiserver and cluster tests need root; in CI a skip of one is a
+failure. Tests that need the Kubernetes build or the images run last, so that on a fresh machine
+the build `scripts/test.sh` starts in the background overlaps everything else."""
 
 from __future__ import annotations
 
@@ -7,10 +9,17 @@ import os
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-_MUST_RUN = ("kernel", "apiserver")
+_MUST_RUN = ("kernel", "apiserver", "cluster")
+# Run order: everything else, then the API-server tier, then the real-cluster tier.
+_LATE = {"apiserver": 1, "cluster": 2}
+
+
+def _lateness(item) -> int:
+    return max((rank for m, rank in _LATE.items() if item.get_closest_marker(m)), default=0)
 
 
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_lateness)  # stable: file order is kept within each group
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason="needs root (creates private network namespaces)")

@@ -15,7 +15,8 @@ egress, the destination for ingress):
 4. Allow.
 
 A peer of a type we do not know fails closed: in an Accept rule it matches nothing, a
-Deny or Pass rule becomes "deny everything".
+Deny or Pass rule becomes "deny everything". A domainNames peer matches nothing in an
+Accept rule; a Deny or Pass rule with one denies every destination on its ports.
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ def tier_verdict(snap, tier: str, subject_pod, other, direction: str, protocol: 
             action = rule.action.value
             if action != "Accept" and any(p.kind == "unknown" for p in rule.peers):
                 return "Deny"
+            if action != "Accept" and any(p.kind == "domainNames" for p in rule.peers):
+                # domainNames are supported in Accept rules only and never resolved here: a
+                # Deny or Pass toward names denies every destination on the rule's ports.
+                if _ports(rule, protocol, port, dst):
+                    return "Deny"
+                continue
             if not _ports(rule, protocol, port, dst):
                 continue
             if any(_peer(snap, p, other) for p in rule.peers):

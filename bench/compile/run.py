@@ -3,8 +3,12 @@
 Workload: bench/workload.py (default 500 namespaces x 20 pods = 10,000 pods,
 4 policies per namespace = 2,000 policies, 110 pods on the measured node;
 --pods N picks the size of the scale series).
-Incremental: each operation is applied to a warm Compiler and followed by
-desired(); both the operation alone and operation+desired() are timed.
+Incremental: each operation is applied to a warm Compiler (heap frozen after the
+load, as the agent does once ready) and followed by desired(); both the operation
+alone and operation+desired() are timed, in wall clock and in CPU time
+(process_time: the machine is shared). Kinds: remote/local pod add, delete and
+label change; namespace label change; policy add, update and delete (in a random
+namespace, and selecting a local pod); ClusterNetworkPolicy add and delete.
 
 Usage: .venv/bin/python bench/compile/run.py [--pods 10000 | --namespaces 500] [--json out.json] [--reps 300]
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import ipaddress
 import json
 import os
 import platform
@@ -22,6 +27,7 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import workload as w  # noqa: E402
@@ -30,9 +36,35 @@ from workload import APPS, LOCAL, NODE, PODS_PER_NS, policies_for, pod_obj  # no
 from policy_agent import logs  # noqa: E402
 from policy_agent.compiler import Compiler, compile  # noqa: E402
 from policy_agent.compiler.options import NodeConfig  # noqa: E402
-from policy_agent.model.types import ClusterSnapshot, LabelSelector, Labels, Namespace, NetworkPolicy, Pod  # noqa: E402
+from policy_agent.model.types import (  # noqa: E402
+    ClusterNetworkPolicy,
+    ClusterSnapshot,
+    CNPAction,
+    CNPPeer,
+    CNPPort,
+    CNPRule,
+    CNPTier,
+    LabelSelector,
+    Labels,
+    Namespace,
+    NetworkPolicy,
+    Pod,
+    Protocol,
+)
 
 
+def _cnp(r: int, subject_ns: str) -> ClusterNetworkPolicy:
+    """Admin and Baseline alternately: one namespace as subject, ingress Deny from monitor
+    pods of a team's namespaces on tcp/80, egress Deny to a documentation CIDR."""
+    peer = CNPPeer("pods", namespace_selector=LabelSelector(Labels({"team": f"t{r % 25}"})),
+                   pod_selector=LabelSelector(Labels({"role": "monitor"})))
+    net = CNPPeer("networks", networks=(ipaddress.ip_network("192.0.2.0/24"),))
+    return ClusterNetworkPolicy(
+        f"cnp-{r}", CNPTier.ADMIN if r % 2 == 0 else CNPTier.BASELINE, r % 1000,
+        subject_namespaces=LabelSelector(Labels({"kubernetes.io/metadata.name": subject_ns})),
+        ingress=(CNPRule(CNPAction.DENY, "from-team", (peer,), (CNPPort(Protocol.TCP, 80, 80),)),),
+        egress=(CNPRule(CNPAction.DENY, "no-docs-net", (net,)),),
+    )
 
 
 def workload(seed: int = 1, n_ns: int = 500, n_local: int = LOCAL):
@@ -55,15 +87,15 @@ CPU: dict[int, list[float]] = {}
 
 
 def timed(c: Compiler, op, samples_op, samples_total):
-    """Wall time of op and of op+desired(); CPU time of op+desired() kept aside
-    (the machine is shared, so wall-clock tails include time spent descheduled)."""
-    c0 = time.thread_time()
+    """Wall time of op and of op+desired(); CPU time (process_time) of op+desired() kept
+    aside (the machine is shared, so wall-clock tails include time spent descheduled)."""
+    c0 = time.process_time()
     t0 = time.perf_counter()
     op()
     t1 = time.perf_counter()
     c.desired()
     t2 = time.perf_counter()
-    c1 = time.thread_time()
+    c1 = time.process_time()
     samples_op.append(t1 - t0)
     samples_total.append(t2 - t0)
     CPU.setdefault(id(samples_total), []).append(c1 - c0)
@@ -76,8 +108,8 @@ def main() -> int:
     ap.add_argument("--namespaces", type=int, default=500, help="namespaces (20 pods, 4 policies each)")
     ap.add_argument("--pods", type=int, default=0, help="pods (overrides --namespaces: pods / 20 namespaces)")
     ap.add_argument("--local", type=int, default=LOCAL, help="pods on the measured node")
-    ap.add_argument("--gc-freeze", action="store_true",
-                    help="gc.freeze() after the initial load (moves the loaded objects out of GC scans)")
+    ap.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                    help="skip gc.freeze() after the initial load (the agent freezes its heap once ready)")
     args = ap.parse_args()
     logs.configure("console", "warning")
     rng = random.Random(42)
@@ -113,67 +145,94 @@ def main() -> int:
     serial = len(pods) + 1000  # new pods get addresses no existing pod has
     local_keys = [p.key for p in pods if p.node_name == NODE]
 
-    # pod add (remote and local, alternating) then delete (delete timed separately)
-    add_op, add_tot, del_op, del_tot = [], [], [], []
-    for r in range(args.reps):
-        ns = namespaces[rng.randrange(n_ns)].name
+    def pod_like(ns: str, j: int, node: str) -> Pod:
+        nonlocal serial
         serial += 1
-        p = pod_obj(ns, rng.randrange(PODS_PER_NS), serial, NODE if r % 2 else "node-7")
-        p = Pod(p.namespace, f"new-{serial}", p.labels, p.node_name, p.ips, p.ports, phase="Running")
-        timed(c, lambda p=p: c.upsert_pod(p), add_op, add_tot)
-        timed(c, lambda p=p: c.delete_pod(p.namespace, p.name), del_op, del_tot)
-    results["pod_add"] = {"op": ms(add_op), "op+desired": ms(add_tot)}
-    results["pod_delete"] = {"op": ms(del_op), "op+desired": ms(del_tot)}
+        p = pod_obj(ns, j, serial, node)
+        return Pod(p.namespace, f"new-{serial}", p.labels, p.node_name, p.ips, p.ports, phase="Running")
 
-    # pod label change (a quarter of them on local pods, which also re-selects policies)
-    lab_op, lab_tot = [], []
-    for r in range(args.reps):
-        key = local_keys[rng.randrange(len(local_keys))] if r % 4 == 0 else pods[rng.randrange(len(pods))].key
-        old = c.pods[key]
-        labels = dict(old.labels)
-        labels["app"] = f"app-{rng.randrange(APPS)}"
-        labels["role"] = "monitor" if rng.random() < 0.5 else "none"
-        new = Pod(old.namespace, old.name, Labels(labels), old.node_name, old.ips, old.ports, phase=old.phase)
-        timed(c, lambda new=new: c.upsert_pod(new), lab_op, lab_tot)
-    results["pod_label_change"] = {"op": ms(lab_op), "op+desired": ms(lab_tot)}
+    # pod add then delete, remote and local separately (a local pod also builds its endpoint
+    # chains, may activate its namespace's policies and changes the dispatch chains)
+    for where, node_name in (("remote", "node-7"), ("local", NODE)):
+        add_op, add_tot, del_op, del_tot = [], [], [], []
+        for _ in range(args.reps):
+            p = pod_like(namespaces[rng.randrange(n_ns)].name, rng.randrange(PODS_PER_NS), node_name)
+            timed(c, lambda p=p: c.upsert_pod(p), add_op, add_tot)
+            timed(c, lambda p=p: c.delete_pod(p.namespace, p.name), del_op, del_tot)
+        results[f"{where}_pod_add"] = {"op": ms(add_op), "op+desired": ms(add_tot)}
+        results[f"{where}_pod_delete"] = {"op": ms(del_op), "op+desired": ms(del_tot)}
+
+    # pod label change (app and role: moves the pod between selector sets; a local pod
+    # also changes which policies select it)
+    remote_keys = [p.key for p in pods if p.node_name != NODE]
+    for where, keys in (("remote", remote_keys), ("local", local_keys)):
+        lab_op, lab_tot = [], []
+        for _ in range(args.reps):
+            old = c.pods[keys[rng.randrange(len(keys))]]
+            labels = dict(old.labels)
+            labels["app"] = f"app-{(int(labels['app'].split('-')[1]) + 1 + rng.randrange(APPS - 1)) % APPS}"
+            labels["role"] = "none" if labels.get("role") == "monitor" else "monitor"
+            new = Pod(old.namespace, old.name, Labels(labels), old.node_name, old.ips, old.ports, phase=old.phase)
+            timed(c, lambda new=new: c.upsert_pod(new), lab_op, lab_tot)
+        results[f"{where}_pod_label_change"] = {"op": ms(lab_op), "op+desired": ms(lab_tot)}
 
     # namespace label change (team and env flip: moves 20 pods in/out of namespace-selector sets)
     nsl_op, nsl_tot = [], []
     for _ in range(args.reps):
         old = c.namespaces[namespaces[rng.randrange(n_ns)].name]
         labels = dict(old.labels)
-        labels["team"] = f"t{rng.randrange(25)}"
-        labels["env"] = rng.choice(("prod", "stage", "dev"))
+        labels["team"] = f"t{(int(labels['team'][1:]) + 1 + rng.randrange(24)) % 25}"
+        labels["env"] = rng.choice([e for e in ("prod", "stage", "dev") if e != labels["env"]])
         new = Namespace(old.name, Labels(labels))
         timed(c, lambda new=new: c.upsert_namespace(new), nsl_op, nsl_tot)
     results["namespace_label_change"] = {"op": ms(nsl_op), "op+desired": ms(nsl_tot)}
 
-    # policy add (new name in a random namespace; then removed again)
-    pa_op, pa_tot = [], []
+    def extra_policy(ns: Namespace, i: int, name: str, selector: LabelSelector | None = None) -> NetworkPolicy:
+        base = policies_for(i + rng.randrange(1, 5), ns)[rng.randrange(1, 4)]
+        return NetworkPolicy(ns.name, name, selector or base.pod_selector, base.policy_types, base.ingress,
+                             base.egress)
+
+    # policy add, update (a different rule set under the same name) and delete, in a random
+    # namespace (most select no local pod: sets and chains only where one does)
+    pa_op, pa_tot, pu_op, pu_tot, pd_op, pd_tot = [], [], [], [], [], []
     for r in range(args.reps):
         i = rng.randrange(n_ns)
         ns = c.namespaces[namespaces[i].name]
-        base = policies_for(i + rng.randrange(1, 5), ns)[rng.randrange(1, 4)]
-        pol = NetworkPolicy(ns.name, f"extra-{r}", base.pod_selector, base.policy_types, base.ingress, base.egress)
+        pol = extra_policy(ns, i, f"extra-{r}")
         timed(c, lambda pol=pol: c.upsert_policy(pol), pa_op, pa_tot)
-        c.delete_policy(pol.namespace, pol.name)
-        c.desired()
+        upd = extra_policy(ns, i + 1, f"extra-{r}")
+        timed(c, lambda upd=upd: c.upsert_policy(upd), pu_op, pu_tot)
+        timed(c, lambda pol=pol: c.delete_policy(pol.namespace, pol.name), pd_op, pd_tot)
     results["policy_add"] = {"op": ms(pa_op), "op+desired": ms(pa_tot)}
+    results["policy_update"] = {"op": ms(pu_op), "op+desired": ms(pu_tot)}
+    results["policy_delete"] = {"op": ms(pd_op), "op+desired": ms(pd_tot)}
 
-    # policy add that selects a local pod (activates the policy: chains and selector sets)
-    pl_op, pl_tot = [], []
+    # the same for a policy that selects a local pod (activates it: chains and selector sets)
+    pa_op, pa_tot, pu_op, pu_tot, pd_op, pd_tot = [], [], [], [], [], []
     for r in range(args.reps):
         key = local_keys[rng.randrange(len(local_keys))]
         pod = c.pods[key]
         i = int(key[0].split("-")[1])
         ns = c.namespaces[key[0]]
-        base = policies_for(i + rng.randrange(1, 5), ns)[rng.randrange(1, 4)]
-        pol = NetworkPolicy(ns.name, f"local-{r}", LabelSelector(Labels({"app": pod.labels["app"]})),
-                            base.policy_types, base.ingress, base.egress)
-        timed(c, lambda pol=pol: c.upsert_policy(pol), pl_op, pl_tot)
-        c.delete_policy(pol.namespace, pol.name)
-        c.desired()
-    results["policy_add_selecting_local_pod"] = {"op": ms(pl_op), "op+desired": ms(pl_tot)}
+        sel = LabelSelector(Labels({"app": pod.labels["app"]}))
+        pol = extra_policy(ns, i, f"local-{r}", sel)
+        timed(c, lambda pol=pol: c.upsert_policy(pol), pa_op, pa_tot)
+        upd = extra_policy(ns, i + 1, f"local-{r}", sel)
+        timed(c, lambda upd=upd: c.upsert_policy(upd), pu_op, pu_tot)
+        timed(c, lambda pol=pol: c.delete_policy(pol.namespace, pol.name), pd_op, pd_tot)
+    results["policy_add_selecting_local_pod"] = {"op": ms(pa_op), "op+desired": ms(pa_tot)}
+    results["policy_update_selecting_local_pod"] = {"op": ms(pu_op), "op+desired": ms(pu_tot)}
+    results["policy_delete_selecting_local_pod"] = {"op": ms(pd_op), "op+desired": ms(pd_tot)}
+
+    # ClusterNetworkPolicy add and delete (one namespace's pods as subject, as bench/agent/latency.py)
+    ca_op, ca_tot, cd_op, cd_tot = [], [], [], []
+    for r in range(args.reps):
+        key = local_keys[rng.randrange(len(local_keys))]
+        cnp = _cnp(r, key[0])
+        timed(c, lambda cnp=cnp: c.upsert_cluster_policy(cnp), ca_op, ca_tot)
+        timed(c, lambda cnp=cnp: c.delete_cluster_policy(cnp.name), cd_op, cd_tot)
+    results["cnp_add"] = {"op": ms(ca_op), "op+desired": ms(ca_tot)}
+    results["cnp_delete"] = {"op": ms(cd_op), "op+desired": ms(cd_tot)}
 
     # the incremental state still equals a full compile of the same objects
     final = ClusterSnapshot.of([*c.namespaces.values(), *c.pods.values(), *c.policies.values()])

@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--iface-prefix", default=None, help="host veth prefix (default: eni)")
     p.add_argument("--keep-going", action="store_true", help="skip invalid objects instead of failing")
+    p.add_argument("--fallbacks", action="store_true",
+                   help="with --keep-going: enforce the stand-ins the agent uses for unparseable "
+                   "NetworkPolicies and ClusterNetworkPolicies")
     p.add_argument("--ignore-unknown", action="store_true", help="skip kinds other than Namespace, Pod, NetworkPolicy")
     p.add_argument("--json", action="store_true", help="live: print the agent's JSON answer")
     p.add_argument("--timeout", type=float, default=10.0, help="live: seconds to wait for the agent")
@@ -78,7 +81,8 @@ def _files(paths: list[str]) -> list[Path]:
     return out
 
 
-def load_snapshot(paths: list[str], keep_going: bool, ignore_unknown: bool, err=None) -> ClusterSnapshot | None:
+def load_snapshot(paths: list[str], keep_going: bool, ignore_unknown: bool, err=None,
+                  fallbacks: bool = False) -> ClusterSnapshot | None:
     """Read every file into one snapshot; print errors; None when input is unusable."""
     err = err or sys.stderr
     objects: list = []
@@ -90,7 +94,7 @@ def load_snapshot(paths: list[str], keep_going: bool, ignore_unknown: bool, err=
             print(f"error: cannot read {f}: {exc.strerror}", file=err)
             return None
         if keep_going:
-            objs, errors = load_yaml_keep_going(text, str(f), ignore_unknown=ignore_unknown)
+            objs, errors = load_yaml_keep_going(text, str(f), ignore_unknown=ignore_unknown, fallbacks=fallbacks)
             for e in errors:
                 print(f"error: {e}", file=err)
             failed = failed or bool(errors)
@@ -116,7 +120,7 @@ def run(args, out=None, err=None) -> int:
     if not args.node:
         print("error: --node is required with files (without files the agent on this node answers)", file=err)
         return 2
-    snapshot = load_snapshot(args.paths, args.keep_going, args.ignore_unknown, err)
+    snapshot = load_snapshot(args.paths, args.keep_going, args.ignore_unknown, err, getattr(args, "fallbacks", False))
     if snapshot is None:
         return 2
     try:

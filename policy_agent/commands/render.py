@@ -24,7 +24,7 @@ import structlog
 from policy_agent.compiler import compile
 from policy_agent.compiler.options import DEFAULT_MARK_MASK, ENDPOINT_TO_HOST_ACTIONS, FlowLogOptions, NodeConfig
 from policy_agent.desired import DesiredState, render_ipset_restore, render_iptables_save
-from policy_agent.model.parse import load_yaml, load_yaml_keep_going
+from policy_agent.model.parse import describe_cnp_fallback, load_yaml, load_yaml_keep_going
 from policy_agent.model.types import ClusterSnapshot, ModelError, Pod
 from policy_agent.shared.naming import DEFAULT_IFACE_PREFIX
 
@@ -44,6 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--node", required=True, help="node name (pods with spec.nodeName == NODE are local)")
     p.add_argument("--iface-prefix", default=DEFAULT_IFACE_PREFIX, help="host veth prefix (default eni)")
     p.add_argument("--keep-going", action="store_true", help="render the valid objects despite invalid ones (exit 1)")
+    p.add_argument("--fallbacks", action="store_true",
+                   help="with --keep-going: also render the stand-ins the agent enforces for unparseable "
+                   "NetworkPolicies and ClusterNetworkPolicies (docs/decisions/policy-fallback.md, cnp-fallback.md)")
     p.add_argument("--mark-mask", type=lambda s: int(s, 0), default=DEFAULT_MARK_MASK, help="mark bits we may use")
     p.add_argument("--deny-action", choices=("DROP", "REJECT"), default="DROP")
     p.add_argument("--endpoint-to-host-action", choices=ENDPOINT_TO_HOST_ACTIONS, default="RETURN")
@@ -75,7 +78,7 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def load(paths: Iterable[str], keep_going: bool) -> tuple[list, list[str]]:
+def load(paths: Iterable[str], keep_going: bool, fallbacks: bool = False) -> tuple[list, list[str]]:
     """(objects, error messages). Without keep_going the first error raises."""
     objects: list = []
     errors: list[str] = []
@@ -88,7 +91,7 @@ def load(paths: Iterable[str], keep_going: bool) -> tuple[list, list[str]]:
             errors.append(f"{path}: {exc.strerror or exc}")
             continue
         if keep_going:
-            objs, errs = load_yaml_keep_going(text, path, ignore_unknown=True)
+            objs, errs = load_yaml_keep_going(text, path, ignore_unknown=True, fallbacks=fallbacks)
             errors += [str(e) for e in errs]
         else:
             objs = load_yaml(text, path, ignore_unknown=True)
@@ -124,6 +127,8 @@ def render_text(state: DesiredState, node: NodeConfig, snapshot: ClusterSnapshot
                 f"# {c.tier.value.lower()} tier priority {c.priority} {c.name}: subject namespaces "
                 f"{c.subject_namespaces.canonical()} pods {c.subject_pods.canonical()}, "
                 f"{len(c.ingress)} ingress rules, {len(c.egress)} egress rules"
+                + (f"; STAND-IN for an unparseable policy ({describe_cnp_fallback(c)}): {c.fallback_reason}"
+                   if c.fallback_reason else "")
             )
     families = [4, 6] if node.ipv6 else [4]
     for family in families:
@@ -152,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"policy-agent render: {exc}", file=sys.stderr)
         return 2
     try:
-        objects, errors = load(args.paths, args.keep_going)
+        objects, errors = load(args.paths, args.keep_going, getattr(args, "fallbacks", False))
     except ModelError as exc:
         print(f"policy-agent render: {exc}", file=sys.stderr)
         return 2

@@ -69,7 +69,7 @@ class KubeAdapter:
             self.recorder.stop()
 
     def degraded_policies(self) -> dict[str, int]:
-        """Unparseable NetworkPolicies enforced from their last good version / as a fallback."""
+        """Unparseable (Cluster)NetworkPolicies enforced from their last good version / as a fallback."""
         return self._src.degraded_policies() if self._src is not None else {}
 
 

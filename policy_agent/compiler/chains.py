@@ -26,6 +26,7 @@ from policy_agent.compiler.scopes import (
 )
 from policy_agent.desired import ACCEPT, DROP, RETURN, Action, Chain, FlowLog, FlowOrigin, IPSet, Match, Rule
 from policy_agent.model.types import (
+    CNP_STANDIN_RULE_NAME,
     ClusterNetworkPolicy,
     CNPAction,
     CNPPeer,
@@ -81,6 +82,7 @@ def _flow_log(node: NodeConfig, match: Match, origin: FlowOrigin) -> list[Rule]:
 # --- static skeleton -------------------------------------------------------------
 
 
+@lru_cache(maxsize=4)
 def local_endpoints_set_name(family: int) -> str:
     """The hash:net,iface set of every local endpoint's (address, host interface)."""
     return naming.ipset_name(family, "e", "local-endpoints")
@@ -626,7 +628,42 @@ def cnp_chain(
             return FlowOrigin(verdict, direction, tier, policy=cnp.name, priority=cnp.priority, rule=i,
                               rule_name=name, origin=comment)
 
+        if cnp.fallback_reason and rule.name == CNP_STANDIN_RULE_NAME:
+            # The unparseable policy's stand-in (model.parse.fallback_cluster_network_policy):
+            # Deny all for its subject in this direction; the comment carries the why.
+            comment = f"{head}: Deny, rule name={rule.name}, unparseable: {cnp.fallback_reason}"
+            fail = origin(comment, "deny")
+            assert fail is not None
+            rules_out += _flow_log(node, Match(), fail)
+            rules_out.append(Rule(Match(), _deny(node), comment))
+            break
         unknown = [j for j, p in enumerate(rule.peers) if p.kind == "unknown"]
+        domains = [j for j, p in enumerate(rule.peers) if p.kind == "domainNames"]
+        if domains and rule.action is not CNPAction.ACCEPT and not unknown:
+            # The API supports domainNames in Accept rules only and this dataplane has no
+            # DNS view: a Deny or Pass toward names is enforced as Deny to every
+            # destination on the rule's ports, a superset of what it names (fail closed).
+            tail_d = ": Deny" + (f", rule name={rule.name}" if rule.name else "")
+            for k, port in enumerate(rule.ports or (None,)):
+                fields: dict = {}
+                if port is not None and port.protocol is not None and port.start is not None:
+                    fields = {"protocol": port.protocol.lower, "dst_ports": ((port.start, port.end or port.start),)}
+                comment = (f"{head} peer {domains[0]} domainNames not resolvable, fail closed to every destination"
+                           + (f" port {k}" if port is not None else "") + tail_d)
+                fail = origin(comment, "deny")
+                assert fail is not None
+                rules_out += _flow_log(node, Match(**fields), fail)
+                rules_out.append(Rule(Match(**fields), _deny(node), comment))
+            if not rule.ports:
+                break  # every packet was denied: nothing after it matters
+            continue
+        if domains and rule.action is CNPAction.ACCEPT:
+            # Not enforced: a no-op rule (MARK of no bit) so that explain's trace and
+            # render name the rule and why; the Accept then matches nothing (fail closed).
+            names = ",".join(rule.peers[domains[0]].domain_names)
+            comment = (f"{head} peer {domains[0]} domainNames {names}: not enforced, "
+                       "no DNS view in this dataplane: matches nothing")
+            rules_out.append(Rule(Match(), Action("MARK", mark=(0, 0)), comment))
         if unknown and rule.action is not CNPAction.ACCEPT:
             # The API: a peer with no field we know is a newer CRD's; fail closed. For
             # Deny and Pass that is "treat the rule as Deny all": nothing after it matters.

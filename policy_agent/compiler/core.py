@@ -56,6 +56,10 @@ class _Scope:
     pod_members: dict[PodKey, tuple[tuple[int, str], ...]] = field(default_factory=dict)
     counts: dict[int, Counter] = field(default_factory=lambda: {4: Counter(), 6: Counter()})
     cache: dict[int, IPSet] = field(default_factory=dict)
+    # members added / removed since cache[family] was built (disjoint): the next set is
+    # (cached - removed) | added, a copy of the old frozenset instead of a rebuild
+    added: dict[int, set[str]] = field(default_factory=lambda: {4: set(), 6: set()})
+    removed: dict[int, set[str]] = field(default_factory=lambda: {4: set(), 6: set()})
 
 
 class Compiler:
@@ -82,6 +86,7 @@ class Compiler:
         self._changed_scopes: set[ScopeDef] = set()  # members changed since the last desired()
         self._pod_labels: dict[PodKey, dict[str, str]] = {}  # plain dicts for fast matching
         self._ns_plain: dict[str, dict[str, str]] = {}
+        self._ns_by_label: dict[tuple[str, str], set[str]] = {}  # (key, value) -> namespaces with it
         # output caches
         self._static = {f: ch.static_chains(node, f) for f in (4, 6)}
         self._ep_dirty: set[PodKey] = set()
@@ -131,16 +136,40 @@ class Compiler:
             ns = Namespace(ns.name, Labels({**ns.labels, NAMESPACE_NAME_LABEL: ns.name}), ns.resource_version)
         old = self.namespaces.get(ns.name)
         self.namespaces[ns.name] = ns
-        self._ns_plain[ns.name] = dict(ns.labels.items_tuple())
+        self._index_ns(ns.name, dict(ns.labels.items_tuple()))
         if old is None or old.labels != ns.labels:
             self._refresh_ns(ns.name)
             self._reselect_cnp_ns(ns.name)
 
     def delete_namespace(self, name: str) -> None:
         if self.namespaces.pop(name, None) is not None:
-            del self._ns_plain[name]
+            self._index_ns(name, None)
             self._refresh_ns(name)
             self._reselect_cnp_ns(name)
+
+    def _index_ns(self, name: str, labels: dict[str, str] | None) -> None:
+        for item in self._ns_plain.get(name, {}).items():
+            names = self._ns_by_label[item]
+            names.discard(name)
+            if not names:
+                del self._ns_by_label[item]
+        if labels is None:
+            self._ns_plain.pop(name, None)
+            return
+        self._ns_plain[name] = labels
+        for item in labels.items():
+            self._ns_by_label.setdefault(item, set()).add(name)
+
+    def _ns_candidates(self, selector) -> "set[str] | dict[str, set[PodKey]]":
+        """Namespaces with pods that may match ``selector``: by its smallest matchLabels
+        entry in the label index (plus namespaces we hold pods of but no object for),
+        or every namespace with pods."""
+        items = selector.match_labels.items_tuple()
+        if not items:
+            return self._pods_by_ns
+        best = min((self._ns_by_label.get(item, set()) for item in items), key=len)
+        unknown = {n for n in self._pods_by_ns if n not in self._ns_plain}
+        return {n for n in best if n in self._pods_by_ns} | unknown
 
     def _refresh_ns(self, name: str) -> None:
         """Re-test every namespace-selector scope against this namespace's labels."""
@@ -178,7 +207,7 @@ class Compiler:
             return
         self.pods[key] = pod
         if old is None or old.labels is not pod.labels:
-            self._pod_labels[key] = dict(pod.labels.items_tuple())
+            self._pod_labels[key] = pod.labels.plain()  # shared with the pod, never modified
         ns_pods = self._pods_by_ns.get(pod.namespace)
         if ns_pods is None:
             ns_pods = self._pods_by_ns[pod.namespace] = set()
@@ -452,13 +481,15 @@ class Compiler:
         else:
             assert d.ns_selector is not None
             self._nssel_scopes.add(d)
-            candidates = set(self._pods_by_ns)  # a namespace without pods adds no member
-            names = [n for n in candidates if selector_matches(d.ns_selector, self._ns_labels(n))]
+            # a namespace without pods adds no member
+            names = [n for n in self._ns_candidates(d.ns_selector) if selector_matches(d.ns_selector, self._ns_labels(n))]
+        labels = self._pod_labels
         for n in names:
             st.matched_ns.add(n)
             self._ns_index.setdefault(n, set()).add(d)
             for key in self._pods_by_ns.get(n, ()):
-                self._scope_pod(st, key, self.pods[key])
+                if selector_matches(d.pod_selector, labels[key]):  # the rest adds nothing: skip the call
+                    self._scope_pod(st, key, self.pods[key])
         return st
 
     def _drop_scope(self, st: _Scope) -> None:
@@ -484,6 +515,7 @@ class Compiler:
         old = st.pod_members.get(key, ())
         if new == old:
             return
+        cache = st.cache
         for fam, m in old:
             c = st.counts[fam]
             n = c[m] - 1
@@ -491,11 +523,22 @@ class Compiler:
                 c[m] = n
             else:
                 del c[m]
-            st.cache.pop(fam, None)
+                if fam in cache:
+                    st.added[fam].discard(m)
+                    st.removed[fam].add(m)
         for fam, m in new:
             c = st.counts[fam]
-            c[m] = c.get(m, 0) + 1
-            st.cache.pop(fam, None)
+            n = c.get(m, 0)
+            c[m] = n + 1
+            if not n and fam in cache:
+                st.removed[fam].discard(m)
+                st.added[fam].add(m)
+        for fam, cached in list(cache.items()) if cache else ():
+            # a set nobody asks for any more (family off, scope unused there): rebuild later
+            if len(st.added[fam]) + len(st.removed[fam]) > len(cached.members) // 2 + 16:
+                del cache[fam]
+                st.added[fam].clear()
+                st.removed[fam].clear()
         self._changed_scopes.add(d)
         if new:
             st.pod_members[key] = new
@@ -505,15 +548,18 @@ class Compiler:
     def _scope_ipset(self, d: ScopeDef, family: int) -> IPSet:
         st = self._scopes[d]
         s = st.cache.get(family)
-        if s is None:
-            s = IPSet(
-                d.set_name(family),
-                family,
-                "hash:ip,port" if d.named_port else "hash:net",
-                frozenset(st.counts[family]),
-                d.origin,
-            )
-            st.cache[family] = s
+        added, removed = st.added[family], st.removed[family]
+        if s is not None and not added and not removed:
+            return s
+        if s is not None:
+            members = s.members - removed if removed else s.members
+            members = members | added if added else members
+        else:
+            members = frozenset(st.counts[family])
+        added.clear()
+        removed.clear()
+        s = IPSet(d.set_name(family), family, "hash:ip,port" if d.named_port else "hash:net", members, d.origin)
+        st.cache[family] = s
         return s
 
     # --- output ------------------------------------------------------------------------
@@ -570,8 +616,12 @@ class Compiler:
                     del t.pol_refs[owner]
                     t.dirty.add(owner)
             del fam[key]
+            t.ifaces[(old[0].iface, old[0].ref)] -= 1
+            if not t.ifaces[(old[0].iface, old[0].ref)]:
+                del t.ifaces[(old[0].iface, old[0].ref)]
         if view is not None:
             fam[key] = (view, ch.endpoint_chains(self.node, family, view))
+            t.ifaces[(view.iface, view.ref)] += 1
             for owner in _policy_owners(view):
                 t.pol_refs[owner] += 1
                 if t.pol_refs[owner] == 1:
@@ -601,7 +651,7 @@ class Compiler:
             t.put(("cnp-helpers",), self._cnp_helpers if used else None)
         if t.ifaces_dirty:
             t.ifaces_dirty = False
-            ifaces = tuple(sorted((v.iface, v.ref) for v, _ in self._ep_fam[family].values()))
+            ifaces = tuple(sorted(t.ifaces))
             if ifaces != t.dispatch_key:
                 t.dispatch_key = ifaces
                 t.put(("dispatch",), ch.Built(chains=ch.dispatch_chains(self.node, list(ifaces))))
@@ -657,6 +707,7 @@ class _FamilyTable:
         self.pol_refs: Counter = Counter()  # ("pol", ref, direction) -> endpoints referencing it
         self.dirty: set[tuple] = set()
         self.ifaces_dirty = True
+        self.ifaces: Counter = Counter()  # (interface, "ns/pod") of the endpoint views -> how many
         self.dispatch_key: tuple[tuple[str, str], ...] | None = None
         self._out: dict[str, Chain] | None = None
         self.scope_sets: dict[str, IPSet] = {}  # cached ipsets of scope_refs

@@ -70,8 +70,13 @@ class NodeConfig:
                 f"not {self.endpoint_to_host_action!r}"
             )
 
-    def _bits(self) -> list[int]:
-        return [1 << i for i in range(32) if self.mark_mask & (1 << i)]
+    def _bits(self) -> tuple[int, ...]:
+        # Read for every rule built: computed once per config (frozen, so stored aside).
+        bits = self.__dict__.get("_mark_bits")
+        if bits is None:
+            bits = tuple(1 << i for i in range(32) if self.mark_mask & (1 << i))
+            object.__setattr__(self, "_mark_bits", bits)
+        return bits
 
     @property
     def accept_mark(self) -> int:

@@ -157,6 +157,36 @@ def _bulk_hosts(members: list[str] | frozenset[str], suffix: str, af: int) -> li
     return addrs if af == socket.AF_INET else list(map(socket.inet_ntop, repeat(af), packed))
 
 
+# Canonical members of the last version of each large hash:net set of IPv4 host
+# addresses, by set name: the next version (one pod more or less) costs its
+# difference, not a canonicalisation of every member (issue 13: a remote pod event at
+# 50k pods changes sets of ~17k members). A pure function cache: (raw, canonical) pairs.
+# IPv4 only: there the canonical text is the member minus "/32" (one to one), where two
+# spellings of one IPv6 address would collapse and a removal could take the other's entry.
+_HOST_MEMO: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+HOST_MEMO_MIN = 1024
+
+
+def _host_delta(s: IPSet) -> set[str] | None:
+    memo = _HOST_MEMO.get(s.name)
+    if memo is None or s.family != 4:
+        return None
+    raw, canon = memo
+    if raw is s.members:
+        return set(canon)
+    added, removed = s.members - raw, raw - s.members
+    if len(added) + len(removed) > len(raw) // 4:
+        return None
+    got_added = _bulk_hosts(list(added), "/32", socket.AF_INET) if added else []
+    got_removed = _bulk_hosts(list(removed), "/32", socket.AF_INET) if removed else []
+    if got_added is None or got_removed is None:
+        return None  # not all plain hosts of the family: the full path decides
+    out = set(canon)
+    out.difference_update(got_removed)
+    out.update(got_added)
+    return out
+
+
 def desired_members(s: IPSet) -> set[str]:
     """Canonical members (``canon_member`` of each). The common shapes (host addresses
     of a hash:net, v4 (address, port) pairs) are done in bulk: several times faster
@@ -164,6 +194,10 @@ def desired_members(s: IPSet) -> set[str]:
     members = s.members
     try:
         if s.type == "hash:net" and members:
+            if (hit := _host_delta(s)) is not None:
+                if len(members) >= HOST_MEMO_MIN:
+                    _HOST_MEMO[s.name] = (members, frozenset(hit))
+                return hit
             out: set[str] = set()
             rest = set(members)
             for suffix, af in (("/32", socket.AF_INET), ("/128", socket.AF_INET6)):
@@ -173,6 +207,8 @@ def desired_members(s: IPSet) -> set[str]:
                 if got is not None:
                     out.update(got)
                     rest.clear()
+                    if len(members) >= HOST_MEMO_MIN and af == socket.AF_INET and s.family == 4:
+                        _HOST_MEMO[s.name] = (members, frozenset(out))
                     break
                 hosts = [m for m in rest if m.endswith(suffix)]  # a mixed set: its hosts in bulk
                 if hosts and (got := _bulk_hosts(hosts, suffix, af)) is not None:
@@ -193,6 +229,8 @@ def plan_ipsets(desired: Mapping[str, IPSet], kernel: Mapping[str, KSet], maxele
     (the caller streams it to a running ``ipset restore``); the plan holds it too."""
     plan = IpsetPlan()
     done = 0
+    for name in [n for n in _HOST_MEMO if n not in desired]:
+        del _HOST_MEMO[name]
     for name in sorted(desired):
         if emit is not None and len(plan.lines) > done:
             emit("\n".join(plan.lines[done:]) + "\n")

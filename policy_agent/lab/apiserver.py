@@ -1,7 +1,7 @@
 """etcd + kube-apiserver for `policy-agent lab up --apiserver` (processes stopped by pid).
 
 The same server the agent's tests use: kube-apiserver built from Debian's `kubernetes`
-source package by scripts/build-kube-apiserver.sh (cached under /var/cache/policy-agent),
+source package by scripts/build-kube.sh (cached under /var/cache/policy-agent),
 etcd from Debian's etcd-server; TLS with a self-signed certificate, a static token
 (system:masters), the ServiceAccount admission plugin off (no controller-manager). Both
 listen on free 127.0.0.1 ports; their data, certificate and kubeconfig live in the lab's
@@ -30,12 +30,12 @@ class ApiserverError(RuntimeError):
 
 
 def bin_dir(build: bool = True) -> str:
-    cache = os.path.join(os.environ.get("POLICY_AGENT_CACHE", "/var/cache/policy-agent"), f"kube-apiserver-{KUBE_VERSION}")
+    cache = os.path.join(os.environ.get("POLICY_AGENT_CACHE", "/var/cache/policy-agent"), f"kube-{KUBE_VERSION}")
     # The stamp marks binaries built with the script's reflect2 fix (custom resources).
     if not all(os.path.exists(os.path.join(cache, f)) for f in ("kube-apiserver", ".reflect2-go118")):
-        script = os.path.join(_REPO, "scripts", "build-kube-apiserver.sh")
+        script = os.path.join(_REPO, "scripts", "build-kube.sh")
         if not build or not os.path.exists(script):
-            raise ApiserverError(f"kube-apiserver {KUBE_VERSION} is not built ({cache}); run scripts/build-kube-apiserver.sh")
+            raise ApiserverError(f"kube-apiserver {KUBE_VERSION} is not built ({cache}); run scripts/build-kube.sh")
         print(f"building kube-apiserver {KUBE_VERSION} (first time only, a few minutes)...", flush=True)
         subprocess.run(["bash", script], check=True, env={**os.environ, "KUBE_VERSION": KUBE_VERSION})
     return cache

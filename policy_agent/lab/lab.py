@@ -8,6 +8,10 @@ Layout of a lab called NAME (nothing of it exists outside its own namespaces):
                                          something else): a plain veth from the node netns under
                                          the non-pod prefix "rmt", so the agent sees it only as a
                                          peer address
+         palab-NAME.peer.<node>          one per Node object other than the lab's own whose
+                                         status.addresses hold IPs (inside the lab networks):
+                                         wired like a remote pod, serving TCP and UDP on 80 and
+                                         81, so ClusterNetworkPolicy `nodes` peers can be probed
   addresses  local pods: dual-stack from a static ENI pool (10.233.64-67.x, fd00:233::40-43:x),
              handed out by vpcip-ipamd; remote pods: 10.233.96.x. Labs side by side reuse the
              same addresses: each lives only in its own namespaces.
@@ -35,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import http.client
+import ipaddress
 import json
 import os
 import shutil
@@ -61,6 +66,8 @@ STATE_ROOT = "/var/run/policy-agent-lab"
 LAB_POD_NETWORKS = "10.233.0.0/16,fd00:233::/64"
 NETNS_ROOT_PREFIX = "palab-"
 REMOTE_IFACE_PREFIX = "rmt"
+# What a peer node's netns serves (TCP and UDP), as the conformance pods do.
+PEER_NODE_PORTS = (80, 81)
 REMOTE_POD_CIDR = "10.233.96.0/24"
 METRICS_PORT = 9909
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-")
@@ -195,6 +202,7 @@ class Lab:
         self.node_netns = netns_prefix(name) + "node"
         self.objects: dict[str, dict] = {}  # obj_key -> the object as given (plus lab fields for pods)
         self.pods: dict[str, PodState] = {}  # "ns/pod" -> state
+        self.peer_nodes: dict[str, PodState] = {}  # Node name -> the netns standing for it
         self.pids: dict[str, int] = {}  # "ipamd", "agent"
         self.provider = "static"  # or "ec2": the EC2 emulator (ec2emu) behind vpcip-ipamd
         self.ec2: dict | None = None  # the emulator's {"ec2", "imds", "node", ...} with --provider ec2
@@ -225,6 +233,7 @@ class Lab:
             "metrics_port": self.metrics_port, "pids": self.pids, "objects": self.objects, "apiserver": self.apiserver,
             "provider": self.provider, "ec2": self.ec2,
             "pods": {k: vars(p) for k, p in self.pods.items()},
+            "peer_nodes": {k: vars(p) for k, p in self.peer_nodes.items()},
         }
         ep.atomic_write(self.path("state.json"), json.dumps(data, indent=1, sort_keys=True))
 
@@ -244,6 +253,7 @@ class Lab:
         lab.ec2 = data.get("ec2")
         lab.objects = data.get("objects", {})
         lab.pods = {k: PodState(**v) for k, v in data.get("pods", {}).items()}
+        lab.peer_nodes = {k: PodState(**v) for k, v in data.get("peer_nodes", {}).items()}
         return lab
 
     # --- up / down ---------------------------------------------------------------------
@@ -276,6 +286,8 @@ class Lab:
             for d in docs:
                 if d["kind"] == "Pod":
                     self._add_pod(d)
+                elif d["kind"] == "Node":
+                    self._sync_peer_node(d["metadata"]["name"], d)
             self._publish(docs)
             self.save()
             if agent:
@@ -464,6 +476,60 @@ class Lab:
         self.save()
         log.info("lab_pod_added", lab=self.name, pod=pod.ref, ips=pod.ips, interface=pod.interface, remote=remote)
         return pod
+
+    def _node_addresses(self, d: dict) -> list[str]:
+        """The IPs of a Node's status.addresses; each must lie in the lab networks (it will
+        exist only in a lab namespace) and belong to no pod or other peer node."""
+        name = d["metadata"]["name"]
+        nets = [ipaddress.ip_network(n) for n in LAB_POD_NETWORKS.split(",")]
+        used = {ip for p in self.pods.values() for ip in p.ips}
+        used |= {ip for n, p in self.peer_nodes.items() if n != name for ip in p.ips}
+        out: list[str] = []
+        for a in (d.get("status") or {}).get("addresses") or []:
+            try:
+                ip = ipaddress.ip_address(str((a or {}).get("address", "")).strip())
+            except ValueError:
+                continue  # a host name
+            if not any(ip.version == n.version and ip in n for n in nets):
+                raise LabError(f"Node {name}: status.addresses {ip} is outside the lab networks {LAB_POD_NETWORKS}")
+            if str(ip) in used:
+                raise LabError(f"Node {name}: status.addresses {ip} is already a pod's or another node's address")
+            if str(ip) not in out:
+                out.append(str(ip))
+        return out
+
+    def _sync_peer_node(self, name: str, d: dict | None) -> None:
+        """A Node other than the lab's own, with addresses, gets a netns standing for it (same
+        addresses, servers on PEER_NODE_PORTS); changed addresses rewire it, labels alone do not."""
+        want = self._node_addresses(d) if d is not None and name != self.node else []
+        have = self.peer_nodes.get(name)
+        if have is not None and sorted(have.ips) == sorted(want):
+            return
+        if have is not None:
+            self._remove_peer_node(name)
+        if not want:
+            return
+        peer = PodState("node", name, f"{netns_prefix(self.name)}peer.{name}",
+                        REMOTE_IFACE_PREFIX + veth_suffix("node", name), want, remote=True)
+        netns.create(peer.netns)
+        self.peer_nodes[name] = peer
+        self.save()
+        netns.add_peer_link(self.node_netns, peer.netns, peer.interface, want)
+        srv = netns.start_server(peer.netns, PEER_NODE_PORTS, PEER_NODE_PORTS,
+                                 log_path=self.path("logs", f"server.node.{name}.log"), detach=True, name=f"node/{name}")
+        peer.server_pid = srv.pid
+        self.save()
+        log.info("lab_peer_node_added", lab=self.name, node=name, ips=want, interface=peer.interface)
+
+    def _remove_peer_node(self, name: str) -> None:
+        peer = self.peer_nodes.pop(name, None)
+        if peer is None:
+            return
+        if peer.server_pid:
+            _stop_pid(peer.server_pid, "policy_agent.lab.server")
+        netns.delete(peer.netns)
+        netns.ip(self.node_netns, "link", "del", peer.interface, check=False)
+        self.save()
 
     def _remote_ip(self) -> str:
         used = {ip for p in self.pods.values() for ip in p.ips}
@@ -721,6 +787,8 @@ class Lab:
                 elif old is not None and (_pod_ports(old) != _pod_ports(d) or
                                           (old.get("spec") or {}).get("nodeName") != (d.get("spec") or {}).get("nodeName")):
                     raise LabError(f"Pod {ref}: only labels can change on a running lab pod (delete and re-add it)")
+            elif d["kind"] == "Node":
+                self._sync_peer_node(d["metadata"]["name"], d)
             if self.objects.get(key) != d:
                 changed.append(key)
             self.objects[key] = d
@@ -754,6 +822,8 @@ class Lab:
         for k in removed:
             if k.startswith("Pod/"):
                 self._remove_pod(k.split("/", 1)[1])
+            elif k.startswith("Node/"):
+                self._remove_peer_node(k.split("/", 1)[1])
         if removed:
             self.wait_enforced(since, timeout, gen)
         return removed
@@ -777,6 +847,9 @@ class Lab:
         for ref in self.pod_order():
             ips4 = [ip for ip in self.pods[ref].ips if ":" not in ip] or self.pods[ref].ips
             targets.append((ref, ips4[0]))
+        for name in sorted(self.peer_nodes):  # other nodes, for ClusterNetworkPolicy `nodes` peers
+            ips4 = [ip for ip in self.peer_nodes[name].ips if ":" not in ip] or self.peer_nodes[name].ips
+            targets.append((f"node/{name}", ips4[0]))
         if dst:
             if dst in self.pods:
                 targets = [t for t in targets if t[0] == dst]
@@ -806,6 +879,8 @@ class Lab:
                  "ips": list(p.ips), "node": "remote" if p.remote else self.node}
                 for p in (self.pods[r] for r in self.pod_order())
             ],
+            "peer_nodes": [{"name": n, "netns": p.netns, "interface": p.interface, "ips": list(p.ips)}
+                           for n, p in sorted(self.peer_nodes.items())],
         }
 
 
@@ -909,6 +984,9 @@ def down(name: str = "default") -> list[str]:
         # Agent first (SIGTERM leaves rules, which go with the namespace), then CNI DEL so
         # ipamd releases addresses cleanly; whatever is left dies with its namespace.
         _stop_pid(lab.pids.get("agent", 0), "policy-agent")
+        for peer in list(lab.peer_nodes.values()):
+            if peer.server_pid:
+                _stop_pid(peer.server_pid, "policy_agent.lab.server")
         for pod in list(lab.pods.values()):
             if pod.server_pid:
                 _stop_pid(pod.server_pid, "policy_agent.lab.server")

@@ -52,7 +52,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Callable, Iterable, Mapping
+from functools import lru_cache
+from sys import intern as _intern
+# collections.abc, not typing: isinstance() against typing.Mapping goes through typing's
+# __instancecheck__ and was a fifth of a pod's parse time (issue 13: 50k-pod lists).
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -60,6 +65,7 @@ from policy_agent.model.types import (
     EMPTY_LABELS,
     MATCH_ALL,
     NAMESPACE_NAME_LABEL,
+    CNP_STANDIN_RULE_NAME,
     CNPAction,
     CNPPeer,
     CNPPort,
@@ -90,8 +96,12 @@ from policy_agent.model.types import (
 __all__ = [
     "AWS_POD_IPS_ANNOTATION",
     "SourcedModelError",
+    "CNP_STANDIN_RULE_NAME",
+    "describe_cnp_fallback",
+    "fallback_cluster_network_policy",
     "fallback_namespace",
     "fallback_network_policy",
+    "parse_cluster_network_policy_or_fallback",
     "check_pod_ip",
     "load_yaml",
     "load_yaml_keep_going",
@@ -257,7 +267,14 @@ def _labels(ctx: _Ctx, value: Any, path: str) -> Labels:
         problem = _label_key_problem(k) or _label_value_problem(v)
         if problem:
             raise ctx.err(f"{path}[{k}]" if isinstance(k, str) else path, problem)
-    return Labels(m)
+    # Shared: the pods of one ReplicaSet carry the same labels, and every decoded object
+    # would otherwise keep its own copy of each key and value (memory per cached pod).
+    return _shared_labels(tuple(sorted((_intern(k), _intern(v)) for k, v in m.items())))
+
+
+@lru_cache(maxsize=65536)
+def _shared_labels(items: tuple[tuple[str, str], ...]) -> Labels:
+    return Labels(dict(items))
 
 
 def _selector(ctx: _Ctx, value: Any, path: str) -> LabelSelector:
@@ -478,6 +495,12 @@ def _pod_ips(
     return tuple(dict.fromkeys(ips))
 
 
+@lru_cache(maxsize=4096)
+def _shared(ports: tuple[ContainerPort, ...]) -> tuple[ContainerPort, ...]:
+    """One tuple for equal port lists (the pods of a Deployment share them)."""
+    return ports
+
+
 def _container_ports(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[ContainerPort, ...]:
     ports: list[ContainerPort] = []
     for group in ("containers", "initContainers"):
@@ -518,14 +541,14 @@ def parse_pod(d: Mapping[str, Any], ip_policy: PodIPPolicy | None = None) -> Pod
     labels = _labels(ctx, meta.get("labels"), "metadata.labels")
     ips = _pod_ips(ctx, meta, status, policy, rejected)
     return Pod(
-        namespace=ns,
+        namespace=_intern(ns),
         name=name,
         labels=labels,
-        node_name=node or None,
+        node_name=_intern(node) if node else None,
         ips=ips,
-        ports=_container_ports(ctx, spec),
+        ports=_shared(_container_ports(ctx, spec)),
         host_network=_bool(ctx, spec.get("hostNetwork"), "spec.hostNetwork"),
-        phase=phase if isinstance(phase, str) else "",
+        phase=_intern(phase) if isinstance(phase, str) else "",
         uid=_str_field(meta, "uid"),
         resource_version=_str_field(meta, "resourceVersion"),
         rejected_ips=tuple(rejected),
@@ -957,6 +980,147 @@ def parse_cluster_network_policy(d: Mapping[str, Any]) -> ClusterNetworkPolicy:
     )
 
 
+# --- ClusterNetworkPolicy fallback ------------------------------------------------------
+#
+# An admin Deny that fails to parse must not open what it denied (docs/decisions/
+# cnp-fallback.md). The sources keep a last good version first (same metadata.uid);
+# for an object that never parsed this is enforced instead, never wider than the
+# object itself, whatever its unreadable parts hold:
+# - tier, priority and subject as read; an unreadable tier is Admin at priority -1
+#   (before every written policy: an Admin Pass must not be able to skip it), an
+#   unreadable priority 0 (never later than the object's real place: same name, ties
+#   by name), an unreadable selector of the subject selects everything (so the
+#   subject can only grow). Moving a Deny all earlier never widens;
+# - per direction (ingress, egress): no key = no rules (as the object); the rules as
+#   written when they parse AND tier, priority and subject were read exactly (a
+#   direction is evaluated independently of the other); rules that are all readable
+#   Accepts = no rules (removing an Accept from a first-match list never widens);
+#   otherwise one rule "Deny all" (peer kind "unknown": the API's own fail-closed
+#   form), which never accepts anything, in either tier;
+# - no readable spec at all: both directions Deny all, Admin, priority 0, every pod;
+# - metadata.name unusable: nothing can be keyed (None). Never from the API server.
+
+# Priority of a stand-in whose tier is unreadable: evaluated before every written policy.
+CNP_STANDIN_FIRST = -1
+
+
+def _cnp_standin_rule() -> CNPRule:
+    return CNPRule(CNPAction.DENY, CNP_STANDIN_RULE_NAME, (CNPPeer("unknown"),))
+
+
+def _all_accept(rules: Any) -> bool:
+    return isinstance(rules, list) and bool(rules) and all(
+        isinstance(r, Mapping) and r.get("action") == CNPAction.ACCEPT.value for r in rules
+    )
+
+
+def fallback_cluster_network_policy(d: Any, error: BaseException) -> ClusterNetworkPolicy | None:
+    """The fail-closed stand-in for a ClusterNetworkPolicy dict that failed to parse with
+    ``error`` (rules above); None when it cannot be keyed by name."""
+    try:
+        ctx, meta, _, name = _meta("ClusterNetworkPolicy", d, namespaced=False)
+    except ModelError:
+        return None
+    if not _is_dns_subdomain(name):
+        return None
+    raw = d.get("spec")
+    spec: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    notes: list[str] = []
+    exact = True
+    tier = _TIERS.get(spec.get("tier")) if isinstance(spec.get("tier"), str) else None
+    prio = spec.get("priority")
+    if tier is None:
+        # Admin at its own priority is not enough: an Admin Pass evaluated before it would
+        # skip it, and a Baseline Deny it stood for would then be missing. Ahead of every
+        # written policy (-1; the API allows 0-1000) nothing can skip it.
+        tier, prio, exact = CNPTier.ADMIN, CNP_STANDIN_FIRST, False
+        notes.append(f"tier unreadable: Admin, priority {CNP_STANDIN_FIRST} (before every policy)")
+    elif isinstance(prio, bool) or not isinstance(prio, int) or not 0 <= prio <= CNP_MAX_PRIORITY:
+        # 0 with the same name: never later than the object's real place in its tier.
+        prio, exact = 0, False
+        notes.append("priority unreadable: 0")
+    subj_ns, subj_pods = MATCH_ALL, MATCH_ALL
+    subject = spec.get("subject")
+    kinds = [k for k in ("namespaces", "pods") if isinstance(subject, Mapping) and subject.get(k) is not None]
+    if len(kinds) != 1:
+        exact = False
+        notes.append("subject unreadable: every pod")
+    elif kinds[0] == "namespaces":
+        try:
+            subj_ns = _selector(ctx, subject["namespaces"], "spec.subject.namespaces")
+        except ModelError:
+            exact = False
+            notes.append("subject namespaces selector unreadable: every pod")
+    elif not isinstance(subject["pods"], Mapping):
+        exact = False
+        notes.append("subject pods unreadable: every pod")
+    else:
+        pods = subject["pods"]
+        try:
+            subj_ns = _selector(ctx, pods.get("namespaceSelector"), "spec.subject.pods.namespaceSelector")
+        except ModelError:
+            exact = False
+            notes.append("subject namespaceSelector unreadable: every namespace")
+        try:
+            if pods.get("podSelector") is None:
+                raise ctx.err("spec.subject.pods.podSelector", "is required")
+            subj_pods = _selector(ctx, pods["podSelector"], "spec.subject.pods.podSelector")
+        except ModelError:
+            exact = False
+            notes.append("subject podSelector unreadable: every pod of those namespaces")
+    rules: dict[str, tuple[CNPRule, ...]] = {}
+    for direction in ("ingress", "egress"):
+        if not isinstance(raw, Mapping):
+            rules[direction] = (_cnp_standin_rule(),)  # nothing readable: either direction may be named
+            continue
+        if direction not in spec:
+            rules[direction] = ()
+            continue
+        if exact:
+            try:
+                rules[direction] = _cnp_rules(ctx, spec[direction], f"spec.{direction}", egress=direction == "egress")
+                continue
+            except ModelError:
+                pass
+        if _all_accept(spec[direction]):
+            rules[direction] = ()
+            notes.append(f"{direction}: Accept rules only, not enforced")
+        else:
+            rules[direction] = (_cnp_standin_rule(),)
+    reason = _reason(error) + (f" ({'; '.join(notes)})" if notes else "")
+    return ClusterNetworkPolicy(
+        name=name,
+        tier=tier,
+        priority=prio,
+        subject_namespaces=subj_ns,
+        subject_pods=subj_pods,
+        ingress=rules["ingress"],
+        egress=rules["egress"],
+        resource_version=_str_field(meta, "resourceVersion"),
+        fallback_reason=reason,
+    )
+
+
+def parse_cluster_network_policy_or_fallback(d: Any) -> tuple[ClusterNetworkPolicy | None, ModelError | None]:
+    """(policy, None) when ``d`` parses; else (stand-in or None, the error). See above."""
+    try:
+        return parse_cluster_network_policy(d), None
+    except ModelError as err:
+        return fallback_cluster_network_policy(d, err), err
+
+
+def describe_cnp_fallback(cnp: ClusterNetworkPolicy) -> str:
+    """What a stand-in enforces, for logs, Events and status: tier, priority, subject, directions."""
+    dirs = [d for d in ("ingress", "egress") if any(r.name == CNP_STANDIN_RULE_NAME for r in cnp.rules(d))]
+    kept = [d for d in ("ingress", "egress") if cnp.rules(d) and d not in dirs]
+    subject = (f"namespaces {cnp.subject_namespaces.canonical()} pods {cnp.subject_pods.canonical()}")
+    out = (f"{cnp.tier.value} tier priority {cnp.priority}: "
+           + (f"Deny all {'+'.join(dirs)} for {subject}" if dirs else "denies nothing"))
+    if kept:
+        out += f"; {'+'.join(kept)} rules as written"
+    return out
+
+
 # --- Node (v1): labels and status.addresses only ------------------------------------
 
 
@@ -1059,9 +1223,9 @@ def parse_objects(
 
     Without keep_going the first error is raised; with it, bad objects are
     collected and the rest still parse. With fallbacks (and keep_going) a
-    NetworkPolicy or Namespace that fails is reported AND its stand-in, if any, is
-    among the objects (fallback_network_policy, marked by ``fallback_reason``;
-    fallback_namespace).
+    NetworkPolicy, ClusterNetworkPolicy or Namespace that fails is reported AND its
+    stand-in, if any, is among the objects (fallback_network_policy and
+    fallback_cluster_network_policy, marked by ``fallback_reason``; fallback_namespace).
     """
     objects: list = []
     errors: list[ModelError] = []
@@ -1080,6 +1244,8 @@ def parse_objects(
                     fb: Any = None
                     if exc.kind == "NetworkPolicy":
                         fb = fallback_network_policy(d, exc)
+                    elif exc.kind == "ClusterNetworkPolicy":
+                        fb = fallback_cluster_network_policy(d, exc)
                     elif exc.kind == "Namespace":
                         fb = fallback_namespace(d)
                     if fb is not None:

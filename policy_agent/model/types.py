@@ -73,6 +73,10 @@ class Labels(Mapping[str, str]):
     def items_tuple(self) -> tuple[tuple[str, str], ...]:
         return self._items
 
+    def plain(self) -> dict[str, str]:
+        """The labels as a plain dict (fast lookups in hot loops). Shared: never modify it."""
+        return self._dict
+
 
 EMPTY_LABELS = Labels()
 
@@ -333,6 +337,10 @@ class CNPPort:
     named_port: str | None = None
 
 
+# CNPRule.name of the Deny-all rule of an unparseable policy's stand-in
+# (ClusterNetworkPolicy.fallback_reason set; model.parse.fallback_cluster_network_policy).
+CNP_STANDIN_RULE_NAME = "deny-all stand-in"
+
 # CNPPeer.kind values
 CNP_PEER_KINDS = ("namespaces", "pods", "nodes", "networks", "domainNames", "unknown")
 
@@ -380,6 +388,9 @@ class ClusterNetworkPolicy:
     ingress: tuple[CNPRule, ...] = ()
     egress: tuple[CNPRule, ...] = ()
     resource_version: str = ""
+    # Non-empty: the object could not be parsed and this is its fail-closed stand-in
+    # (model.parse.fallback_cluster_network_policy); the text says why (field: message).
+    fallback_reason: str = ""
 
     @property
     def key(self) -> str:

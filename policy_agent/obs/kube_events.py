@@ -1,4 +1,6 @@
-"""Kubernetes Events on NetworkPolicies the agent cannot enforce as written.
+"""Kubernetes Events on NetworkPolicies and ClusterNetworkPolicies the agent cannot enforce
+as written (a ClusterNetworkPolicy is cluster-scoped: its Events go to namespace "default",
+as client-go's recorder does for cluster-scoped objects).
 
 Two causes, each one Event per policy, reason and field (or chain):
 
@@ -39,7 +41,10 @@ REMEMBERED = 4096  # keys whose last post time is kept (oldest forgotten first)
 COMPONENT = "policy-agent"
 
 # "NetworkPolicy ns/name: spec.ingress[0]...: message (what the agent does)" (ModelError + kube.py)
-_FIELD_RE = re.compile(r"^NetworkPolicy \S+: (?P<field>(?:spec|metadata)[^\s:]*): ")
+_FIELD_RE = re.compile(r"^(?:Cluster)?NetworkPolicy \S+: (?P<field>(?:spec|metadata)[^\s:]*): ")
+CNP_GROUP, CNP_VERSION, CNP_PLURAL = "policy.networking.k8s.io", "v1alpha2", "clusternetworkpolicies"
+# Namespace of the Events about a cluster-scoped object.
+CLUSTER_EVENT_NAMESPACE = "default"
 
 
 def field_of(message: str) -> str:
@@ -71,7 +76,7 @@ class EventRecorder:
         self.clock = clock
         self.set_aside = set_aside
         self.poll = poll
-        self._q: queue.Queue[tuple[str, str, str, str, str] | None] = queue.Queue(max_queue)
+        self._q: queue.Queue[tuple[str, str, str, str, str, str] | None] = queue.Queue(max_queue)
         self._last: OrderedDict[tuple, float] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -85,20 +90,24 @@ class EventRecorder:
     # --- any thread ---------------------------------------------------------------------
 
     def observe(self, event: Any) -> None:
-        """Sink wrapper: a SourceError about a NetworkPolicy becomes an Event."""
-        if type(event).__name__ != "SourceError" or getattr(event, "kind", "") != "NetworkPolicy":
+        """Sink wrapper: a SourceError about a (Cluster)NetworkPolicy becomes an Event."""
+        if type(event).__name__ != "SourceError":
             return
+        kind = getattr(event, "kind", "")
         key = getattr(event, "key", None)
-        if not (isinstance(key, tuple) and len(key) == 2):
-            return
-        msg = str(event.message)
-        self.report(key[0], key[1], reason_of(msg), msg, field_of(msg))
+        msg = str(getattr(event, "message", ""))
+        if kind == "NetworkPolicy" and isinstance(key, tuple) and len(key) == 2:
+            self.report(key[0], key[1], reason_of(msg), msg, field_of(msg))
+        elif kind == "ClusterNetworkPolicy" and isinstance(key, str) and key:
+            self.report("", key, reason_of(msg), msg, field_of(msg), kind=kind)
 
-    def report(self, namespace: str, name: str, reason: str, message: str, field: str = "") -> bool:
-        """Queue one Event unless the same one was queued within ``interval``; never blocks."""
+    def report(self, namespace: str, name: str, reason: str, message: str, field: str = "",
+               kind: str = "NetworkPolicy") -> bool:
+        """Queue one Event unless the same one was queued within ``interval``; never blocks.
+        ``kind`` ClusterNetworkPolicy: ``namespace`` is "" (cluster-scoped)."""
         if self.forbidden:
             return False
-        key = (namespace, name, reason, field)
+        key = (namespace, name, reason, field) if kind == "NetworkPolicy" else (kind, name, reason, field)
         now = self.clock()
         with self._lock:
             last = self._last.get(key)
@@ -110,7 +119,7 @@ class EventRecorder:
             while len(self._last) > REMEMBERED:
                 self._last.popitem(last=False)
         try:
-            self._q.put_nowait((namespace, name, reason, message, field))
+            self._q.put_nowait((namespace, name, reason, message, field, kind))
         except queue.Full:
             with self._lock:
                 self._last.pop(key, None)  # not posted: the next report may try again
@@ -169,14 +178,24 @@ class EventRecorder:
 
     # --- posting ------------------------------------------------------------------------
 
-    def _post(self, namespace: str, name: str, reason: str, message: str, field: str) -> None:
+    def _post(self, namespace: str, name: str, reason: str, message: str, field: str,
+              kind: str = "NetworkPolicy") -> None:
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         core = client.CoreV1Api(self._api)
-        net = client.NetworkingV1Api(self._api)
         try:
-            pol = net.read_namespaced_network_policy(name, namespace)
+            if kind == "ClusterNetworkPolicy":
+                # get is in the ClusterRole (clusternetworkpolicies: get/list/watch)
+                raw = client.CustomObjectsApi(self._api).get_cluster_custom_object(
+                    CNP_GROUP, CNP_VERSION, CNP_PLURAL, name)
+                meta = raw.get("metadata") or {}
+                uid, rv = meta.get("uid") or "", meta.get("resourceVersion") or ""
+                api_version = f"{CNP_GROUP}/{CNP_VERSION}"
+            else:
+                pol = client.NetworkingV1Api(self._api).read_namespaced_network_policy(name, namespace)
+                uid, rv = pol.metadata.uid or "", pol.metadata.resource_version or ""
+                api_version = "networking.k8s.io/v1"
         except ApiException as exc:
             if exc.status == 404:
                 return  # deleted meanwhile: nothing to say
@@ -185,15 +204,17 @@ class EventRecorder:
         except Exception as exc:  # noqa: BLE001 - network trouble: count, never raise
             self._failed(exc, reason, namespace, name)
             return
-        uid = pol.metadata.uid or ""
         digest = hashlib.sha256(f"{uid}|{reason}|{field}|{self.node}".encode()).hexdigest()[:16]
         ev_name = f"{name}.{digest}"
         now = _now_rfc3339()
+        involved = {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid, "resourceVersion": rv}
+        if kind == "NetworkPolicy":
+            involved["namespace"] = namespace
+        else:
+            namespace = CLUSTER_EVENT_NAMESPACE
         body = {
             "metadata": {"name": ev_name, "namespace": namespace},
-            "involvedObject": {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "name": name,
-                               "namespace": namespace, "uid": uid,
-                               "resourceVersion": pol.metadata.resource_version or ""},
+            "involvedObject": involved,
             "reason": reason,
             "message": message[:1024],
             "type": "Warning",

@@ -61,8 +61,9 @@ class Metrics:
         self.pending = Gauge("policy_agent_pending_events", "Events received but not yet enforced", registry=r)
         self.policies_degraded = Gauge(
             "policy_agent_policies_degraded",
-            "NetworkPolicies that cannot be parsed, enforced from their last good version (mode=last_good) "
-            "or as a no-allow fallback isolating what they select (mode=fallback)",
+            "NetworkPolicies and ClusterNetworkPolicies that cannot be parsed, enforced from their last good "
+            "version (mode=last_good) or as a stand-in (mode=fallback: a NetworkPolicy's no-allow fallback, "
+            "a ClusterNetworkPolicy's deny-all stand-in)",
             ["mode"], registry=r,
         )
         for mode in DEGRADED_MODES:

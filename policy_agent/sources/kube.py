@@ -27,7 +27,9 @@ Rules (the reflector contract, as client-go's, kept small):
    last good version of it (if any) is kept, also across relists, other objects are
    unaffected. A NetworkPolicy that never parsed is enforced as its no-allow fallback
    (model.parse.fallback_network_policy): dropping it would open the pods it
-   isolates. See docs/decisions/policy-fallback.md.
+   isolates. See docs/decisions/policy-fallback.md. A ClusterNetworkPolicy that never
+   parsed is enforced as its deny-all stand-in (fallback_cluster_network_policy;
+   docs/decisions/cnp-fallback.md).
 6. Updates that change nothing the model holds (e.g. pod conditions, managedFields)
    update the cached resourceVersion silently and emit nothing.
 7. An optional resource (ClusterNetworkPolicy, a CRD) answered with 404 is not served:
@@ -59,6 +61,8 @@ import structlog
 import urllib3
 
 from policy_agent.model.parse import (
+    describe_cnp_fallback,
+    fallback_cluster_network_policy,
     fallback_namespace,
     fallback_network_policy,
     parse_cluster_network_policy,
@@ -67,7 +71,7 @@ from policy_agent.model.parse import (
     parse_node,
     parse_pod,
 )
-from policy_agent.model.types import ModelError, NetworkPolicy, PodIPPolicy
+from policy_agent.model.types import ClusterNetworkPolicy, ModelError, NetworkPolicy, PodIPPolicy
 from policy_agent.sources.events import Delete, InSync, Replace, Sink, SourceError, Upsert
 
 log = structlog.get_logger(__name__)
@@ -682,6 +686,18 @@ class Informer:
                 what = f"enforcing a fallback: isolates {sel} for {dirs}, allows nothing"
             else:
                 what = "dropped: it cannot be keyed"
+        elif self.kind == "ClusterNetworkPolicy":
+            # An admin Deny must not open by failing to parse: a fail-closed stand-in
+            # (model.parse.fallback_cluster_network_policy; docs/decisions/cnp-fallback.md).
+            try:
+                obj = fallback_cluster_network_policy(d, err)
+            except Exception as e:  # noqa: BLE001 - as above
+                self._log.error("kube_cnp_fallback_failed", key=key, error=f"{type(e).__name__}: {e}")
+            if isinstance(obj, ClusterNetworkPolicy):
+                mode = "fallback"
+                what = f"enforcing a fallback: {describe_cnp_fallback(obj)}, accepts nothing"
+            else:
+                what = "dropped: it cannot be keyed"
         elif self.kind == "Namespace":
             try:
                 obj = fallback_namespace(d)
@@ -762,9 +778,15 @@ class KubeSource:
         return self.informers[kind].cache()
 
     def degraded_policies(self) -> dict[str, int]:
-        """NetworkPolicies enforced from their last good version / as a fallback, by mode."""
-        inf = self.informers.get("NetworkPolicy")
-        return inf.degraded_counts() if inf is not None else dict.fromkeys(DEGRADED_MODES, 0)
+        """NetworkPolicies and ClusterNetworkPolicies enforced from their last good version /
+        as a fallback (stand-in), by mode."""
+        out = dict.fromkeys(DEGRADED_MODES, 0)
+        for kind in ("NetworkPolicy", "ClusterNetworkPolicy"):
+            inf = self.informers.get(kind)
+            if inf is not None:
+                for mode, n in inf.degraded_counts().items():
+                    out[mode] += n
+        return out
 
     @property
     def watch_restarts(self) -> int:

@@ -13,7 +13,9 @@ For the lab and for hosts without an API server (``policy-agent run --manifests 
   A file that was never good contributes nothing of its own, except: a bad
   NetworkPolicy with no version in the file's last good content is enforced as
   its no-allow fallback (model.parse.fallback_network_policy; it isolates what it
-  selects, allows nothing), so a new unparseable deny never leaves its pods open.
+  selects, allows nothing), so a new unparseable deny never leaves its pods open;
+  a bad ClusterNetworkPolicy likewise gets its deny-all stand-in
+  (model.parse.fallback_cluster_network_policy; docs/decisions/cnp-fallback.md).
   A bad Namespace with no good version gets its stand-in too (model.parse.
   fallback_namespace: its labels as selectors would see them), since a missing
   Namespace would be matched by its name label only. A fallback yields to a
@@ -39,7 +41,7 @@ import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from policy_agent.model.parse import load_yaml_keep_going
+from policy_agent.model.parse import describe_cnp_fallback, load_yaml_keep_going
 from policy_agent.model.types import ClusterNetworkPolicy, Namespace, NetworkPolicy, Node, Pod, PodIPPolicy
 from policy_agent.sources.events import InSync, Replace, Sink, SourceError
 
@@ -213,7 +215,8 @@ class ManifestSource:
         self._watch.stop()
 
     def degraded_policies(self) -> dict[str, int]:
-        """Bad NetworkPolicies enforced from their last good version / as a fallback, by mode."""
+        """Bad NetworkPolicies and ClusterNetworkPolicies enforced from their last good version /
+        as a fallback, by mode."""
         return dict(self._degraded)
 
     def _error(self, message: str, kind: str = "", key: Any = None) -> None:
@@ -240,10 +243,11 @@ class ManifestSource:
             if self._errors.pop(path, None) is not None:
                 log.info("manifest_file_fixed", file=rel, objects=len(objects))
             return
-        good_policies = {o.key for o in self._good.get(path, ()) if isinstance(o, NetworkPolicy)}
+        # NetworkPolicy keys are (ns, name), ClusterNetworkPolicy keys a name: never equal.
+        good_policies = {o.key for o in self._good.get(path, ()) if isinstance(o, _POLICIES)}
         fallbacks = {
             o.key: o for o in objects
-            if isinstance(o, NetworkPolicy) and o.fallback_reason and o.key not in good_policies
+            if isinstance(o, _POLICIES) and o.fallback_reason and o.key not in good_policies
         }
         # A Namespace that never parsed: its stand-in (labels matched as written).
         good_ns = {o.name for o in self._good.get(path, ()) if isinstance(o, Namespace)}
@@ -254,11 +258,11 @@ class ManifestSource:
         # dropping them with their neighbours' errors would leave their pods open.
         fresh = [
             o for o in objects
-            if isinstance(o, NetworkPolicy) and not o.fallback_reason and o.key not in good_policies
+            if isinstance(o, _POLICIES) and not o.fallback_reason and o.key not in good_policies
         ]
         self._fallbacks[path] = list(fallbacks.values()) + ns_fallbacks + fresh
         self._kept[path] = {
-            _policy_key(e.ref) for e in parse_errors if e.kind == "NetworkPolicy"
+            _bad_key(e.kind, e.ref) for e in parse_errors if e.kind in _POLICY_KINDS
         } & good_policies
         if self._errors.get(path) == errors:
             return  # already reported
@@ -268,17 +272,19 @@ class ManifestSource:
             e = parse_errors[i] if i < len(parse_errors) else None
             kind, ref = getattr(e, "kind", ""), getattr(e, "ref", rel)
             what = f"keeping the file's last good content: {kept} objects"
-            fb = fallbacks.get(_policy_key(ref)) if kind == "NetworkPolicy" else None
-            if fb is not None:
+            fb = fallbacks.get(_bad_key(kind, ref)) if kind in _POLICY_KINDS else None
+            if isinstance(fb, NetworkPolicy):
                 sel = "all pods of the namespace" if fb.pod_selector.is_empty else fb.pod_selector.canonical()
                 dirs = "+".join(t.value for t in fb.policy_types)
                 what += f"; enforcing a fallback for {ref}: isolates {sel} for {dirs}, allows nothing"
-            elif kind == "NetworkPolicy" and _policy_key(ref) in good_policies:
+            elif isinstance(fb, ClusterNetworkPolicy):
+                what += f"; enforcing a fallback for {ref}: {describe_cnp_fallback(fb)}, accepts nothing"
+            elif kind in _POLICY_KINDS and _bad_key(kind, ref) in good_policies:
                 what += f", including the last good version of {ref}"
             log.warning("manifest_bad_object", file=rel, kind=kind, key=ref,
                         field=getattr(e, "field_path", ""),
                         enforced="fallback" if fb is not None else (
-                            "last_good" if _policy_key(ref) in self._kept[path] else "nothing"))
+                            "last_good" if _bad_key(kind, ref) in self._kept[path] else "nothing"))
             self._error(f"{msg} ({what})", kind=kind, key=ref)
 
     def _rescan(self, initial: bool = False) -> None:
@@ -322,7 +328,7 @@ class ManifestSource:
                     same = merged[_kind(fb)]
                     if _key(fb) not in same:
                         same[_key(fb)] = fb
-                        n_fallback += isinstance(fb, NetworkPolicy) and bool(fb.fallback_reason)
+                        n_fallback += isinstance(fb, _POLICIES) and bool(fb.fallback_reason)
             self._degraded = {
                 "last_good": len(set().union(*self._kept.values())) if self._kept else 0,
                 "fallback": n_fallback,
@@ -337,6 +343,15 @@ class ManifestSource:
 def _policy_key(ref: str) -> tuple[str, str]:
     ns, _, name = ref.partition("/")
     return (ns, name)
+
+
+_POLICIES = (NetworkPolicy, ClusterNetworkPolicy)
+_POLICY_KINDS = ("NetworkPolicy", "ClusterNetworkPolicy")
+
+
+def _bad_key(kind: str, ref: str) -> Any:
+    """The model key of a policy an error names: (ns, name), or the cluster policy's name."""
+    return ref if kind == "ClusterNetworkPolicy" else _policy_key(ref)
 
 
 def _ref(key: Any) -> str:

@@ -2,7 +2,7 @@
 
 Local cluster: etcd (Debian ``etcd-server``) on random loopback ports with its data in a
 tmp dir; kube-apiserver built from Debian's ``kubernetes`` source package by
-scripts/build-kube-apiserver.sh (cached by version under /var/cache/policy-agent), TLS
+scripts/build-kube.sh (cached by version under /var/cache/policy-agent), TLS
 with a self-signed certificate made here, a static token (system:masters), the
 ServiceAccount admission plugin disabled (no controller-manager to create the
 ``default`` ServiceAccount). NetworkPolicies are served without the watch cache

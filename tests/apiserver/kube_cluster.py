@@ -1,6 +1,6 @@
 """Start and drive a local etcd + kube-apiserver (used by conftest.py and bench/agent).
 
-kube-apiserver comes from scripts/build-kube-apiserver.sh (Debian's kubernetes source
+kube-apiserver comes from scripts/build-kube.sh (Debian's kubernetes source
 package, cached by version); etcd from Debian's etcd-server. Processes are stopped by pid.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 KUBE_VERSION = os.environ.get("KUBE_VERSION", "1.20.2")
-CACHE = Path(os.environ.get("POLICY_AGENT_CACHE", "/var/cache/policy-agent")) / f"kube-apiserver-{KUBE_VERSION}"
+CACHE = Path(os.environ.get("POLICY_AGENT_CACHE", "/var/cache/policy-agent")) / f"kube-{KUBE_VERSION}"
 TOKEN = "policy-agent-test-token"
 
 
@@ -44,7 +44,7 @@ def _wait(pred, timeout: float, what: str, interval: float = 0.2):
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
 
 
-# Written by scripts/build-kube-apiserver.sh into binaries that carry its reflect2 fix
+# Written by scripts/build-kube.sh into binaries that carry its reflect2 fix
 # (without it the first custom resource written crashes the server): older ones are rebuilt.
 BUILD_STAMP = ".reflect2-go118"
 
@@ -53,7 +53,7 @@ def ensure_binaries() -> Path:
     if not all((CACHE / f).exists() for f in ("kube-apiserver", "kubectl", BUILD_STAMP)):
         print(f"\nbuilding kube-apiserver {KUBE_VERSION} (first run only)...", file=sys.stderr)
         subprocess.run(
-            ["bash", str(REPO / "scripts" / "build-kube-apiserver.sh")],
+            ["bash", str(REPO / "scripts" / "build-kube.sh")],
             check=True,
             env={**os.environ, "KUBE_VERSION": KUBE_VERSION},
         )

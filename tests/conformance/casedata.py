@@ -15,7 +15,13 @@ expected afterwards, as upstream's Reachability builder does::
 Peers: ``*`` (every pod), ``x/*`` (namespace), ``*/a`` (pod name anywhere), ``x/a``.
 Loopback pairs (a pod to itself) are ignored, as upstream ignores them: that traffic
 never leaves the pod's network namespace. ``{ip:NS/POD}`` inside a string is replaced
-by the pod's IPv4 address when the case runs.
+by the pod's IPv4 address when the case runs, ``{ip6:NS/POD}`` by its IPv6 address.
+
+ClusterNetworkPolicy ``nodes`` peers: a case may apply Node objects (other than the lab's
+own node) with ``status.addresses`` in the lab networks; the lab wires a namespace that
+stands for each (policy_agent.lab.lab, "peer node"), and every such Node is then also a
+*target* ``node/<name>`` (never a source): ``to: node/*`` in rules, ``*`` includes them.
+``family: 6`` (case level) probes IPv6 addresses instead of IPv4 (pods and nodes).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ CASES_DIR = os.path.join(HERE, "cases")
 CLUSTER_SPEC = os.path.join(HERE, "cluster.yaml")
 PORTS = (80, 81)
 PROTOCOLS = ("TCP", "UDP")
-_IP_RE = re.compile(r"\{ip:([a-z0-9-]+/[a-z0-9-]+)\}")
+_IP_RE = re.compile(r"\{ip(6?):([a-z0-9-]+/[a-z0-9-]+)\}")
+CLUSTER_SCOPED = ("Namespace", "ClusterNetworkPolicy", "Node")
 
 
 @dataclass
@@ -44,6 +51,7 @@ class Case:
     steps: list
     note: str = ""
     sctp_dump: dict | None = None
+    family: int = 4
 
     @property
     def id(self) -> str:
@@ -62,7 +70,7 @@ class State:
 
 def key_of(obj: dict) -> tuple[str, str, str]:
     meta = obj.get("metadata") or {}
-    cluster_scoped = obj["kind"] in ("Namespace", "ClusterNetworkPolicy", "Node")
+    cluster_scoped = obj["kind"] in CLUSTER_SCOPED
     ns = "" if cluster_scoped else meta.get("namespace", "default")
     return (obj["kind"], ns, meta["name"])
 
@@ -81,7 +89,8 @@ def load_cases(directory: str = CASES_DIR) -> list[Case]:
         path = os.path.join(directory, name)
         with open(path) as f:
             d = yaml.safe_load(f)
-        out.append(Case(path, d["name"], d["upstream"], d["steps"], d.get("note", ""), d.get("sctp_dump")))
+        out.append(Case(path, d["name"], d["upstream"], d["steps"], d.get("note", ""), d.get("sctp_dump"),
+                        int(d.get("family", 4))))
     return out
 
 
@@ -89,14 +98,27 @@ def pod_names(state: State) -> list[str]:
     return sorted(f"{ns}/{name}" for (kind, ns, name) in state.objects if kind == "Pod")
 
 
-def substitute(obj, ips: dict[str, str]):
-    """Replace {ip:NS/POD} in every string of obj with the pod's IPv4 address."""
+def node_targets(state: State, family: int = 4) -> dict[str, str]:
+    """{"node/<name>": its first address of ``family``} for the Nodes of the state."""
+    out = {}
+    for (kind, _ns, name), d in sorted(state.objects.items()):
+        if kind != "Node":
+            continue
+        addrs = [a.get("address", "") for a in (d.get("status") or {}).get("addresses") or []]
+        fam = [a for a in addrs if (":" in a) == (family == 6) and any(c.isdigit() for c in a)]
+        if fam:
+            out[f"node/{name}"] = fam[0]
+    return out
+
+
+def substitute(obj, ips: dict[str, str], ips6: dict[str, str] | None = None):
+    """Replace {ip:NS/POD} ({ip6:NS/POD}) in every string of obj with the pod's IPv4 (IPv6) address."""
     if isinstance(obj, str):
-        return _IP_RE.sub(lambda m: ips[m.group(1)], obj)
+        return _IP_RE.sub(lambda m: (ips6 or {})[m.group(2)] if m.group(1) else ips[m.group(2)], obj)
     if isinstance(obj, list):
-        return [substitute(o, ips) for o in obj]
+        return [substitute(o, ips, ips6) for o in obj]
     if isinstance(obj, dict):
-        return {k: substitute(v, ips) for k, v in obj.items()}
+        return {k: substitute(v, ips, ips6) for k, v in obj.items()}
     return obj
 
 
@@ -104,7 +126,7 @@ def step_changes(state: State, step: dict) -> tuple[list[dict], list[tuple[str, 
     """The objects a step applies (labels turned into full objects) and the keys it deletes."""
     applied = [copy.deepcopy(o) for o in step.get("apply", [])]
     for lab in step.get("label", []):
-        ns = "" if lab["kind"] == "Namespace" else lab["namespace"]
+        ns = "" if lab["kind"] in CLUSTER_SCOPED else lab["namespace"]
         base = copy.deepcopy(state.objects[(lab["kind"], ns, lab["name"])])
         meta = base.setdefault("metadata", {})
         meta["labels"] = {**(meta.get("labels") or {}), **lab["labels"]}
@@ -129,12 +151,15 @@ def _match(pattern: str, pod: str) -> bool:
     return fnmatch.fnmatchcase(pod, pattern)
 
 
-def expand(expect: dict, pods: list[str]) -> dict[tuple[int, str], dict[tuple[str, str], bool]]:
-    """{(port, protocol): {(from, to): connected}} for every non-loopback pair."""
+def expand(expect: dict, pods: list[str], targets: list[str] | None = None
+           ) -> dict[tuple[int, str], dict[tuple[str, str], bool]]:
+    """{(port, protocol): {(from, to): connected}} for every non-loopback pair; ``targets``:
+    the destinations (default the pods; node/<name> entries are destinations only)."""
     out: dict = {}
+    dsts = pods if targets is None else targets
     for port in PORTS:
         for proto in PROTOCOLS:
-            m = {(a, b): bool(expect.get("default", True)) for a in pods for b in pods if a != b}
+            m = {(a, b): bool(expect.get("default", True)) for a in pods for b in dsts if a != b}
             for rule in expect.get("rules", []):
                 if "ports" in rule and port not in rule["ports"]:
                     continue
@@ -147,13 +172,15 @@ def expand(expect: dict, pods: list[str]) -> dict[tuple[int, str], dict[tuple[st
     return out
 
 
-def format_matrix(pods: list[str], results: dict[tuple[str, str], bool], expected=None) -> str:
+def format_matrix(pods: list[str], results: dict[tuple[str, str], bool], expected=None,
+                  targets: list[str] | None = None) -> str:
     """Rows from, columns to; '.' connected, 'X' blocked, '-' loopback; a wrong cell is marked '!'."""
-    width = max(len(p) for p in pods)
-    lines = [" " * width + " " + " ".join(p.rjust(width) for p in pods)]
+    cols = pods if targets is None else targets
+    width = max(len(p) for p in list(pods) + list(cols))
+    lines = [" " * width + " " + " ".join(p.rjust(width) for p in cols)]
     for a in pods:
         cells = []
-        for b in pods:
+        for b in cols:
             if a == b or (a, b) not in results:
                 c = "-"
             else:

@@ -46,15 +46,21 @@ def lab():
             write_report()
 
 
-def probe_all(lab: L.Lab, pods: list[str]) -> dict:
+def _addr(lab: L.Lab, target: str, family: int) -> str:
+    """A target's address of ``family``: a pod's, or a peer node's (node/<name>)."""
+    ips = lab.peer_nodes[target[5:]].ips if target.startswith("node/") else lab.pods[target].ips
+    return [i for i in ips if (":" in i) == (family == 6)][0]
+
+
+def probe_all(lab: L.Lab, pods: list[str], targets: list[str] | None = None, family: int = 4) -> dict:
     probes = []
     for port in casedata.PORTS:
         for proto in casedata.PROTOCOLS:
             for a in pods:
-                for b in pods:
+                for b in targets or pods:
                     if a != b:
-                        ip = [i for i in lab.pods[b].ips if ":" not in i][0]
-                        probes.append(netns.Probe(lab.pods[a].netns, ip, port, proto, (port, proto, a, b)))
+                        probes.append(netns.Probe(lab.pods[a].netns, _addr(lab, b, family), port, proto,
+                                                  (port, proto, a, b)))
     got = netns.probe_many(probes, timeout=1.0, attempts=1, workers=96)
     out: dict = {}
     for (port, proto, a, b), ok in got.items():
@@ -63,8 +69,9 @@ def probe_all(lab: L.Lab, pods: list[str]) -> dict:
 
 
 def reset(lab: L.Lab, base: casedata.State) -> None:
-    """Back to the base cluster: no policies, base labels."""
-    policies = [d for k, d in lab.objects.items() if k.startswith(("NetworkPolicy/", "ClusterNetworkPolicy/"))]
+    """Back to the base cluster: no policies, base labels, no Nodes a case added."""
+    policies = [d for k, d in lab.objects.items() if k.startswith(("NetworkPolicy/", "ClusterNetworkPolicy/"))
+                or (k.startswith("Node/") and ("Node", "", k[5:]) not in base.objects)]
     if policies:
         lab.delete(policies)
     changed = [d for (kind, ns, name), d in base.objects.items()
@@ -86,20 +93,22 @@ def test_case(lab, case):
     pods = casedata.pod_names(base)
     reset(lab, base)
     ips = {ref: [i for i in p.ips if ":" not in i][0] for ref, p in lab.pods.items()}
+    ips6 = {ref: [i for i in p.ips if ":" in i][0] for ref, p in lab.pods.items() if any(":" in i for i in p.ips)}
     state = base
     outcome = {"TCP": True, "UDP": True, "wrong": [], "cells": 0}
     try:
         for i, step in enumerate(case.steps):
             applied, deleted = casedata.step_changes(state, step)
             if applied:
-                lab.apply(casedata.substitute(applied, ips))
+                lab.apply(casedata.substitute(applied, ips, ips6))
             if deleted:
                 lab.delete([{"kind": k, "metadata": {"name": n, **({"namespace": ns} if ns else {})}}
                             for (k, ns, n) in deleted])
             state = casedata.advance(state, step)
-            expected = casedata.expand(step["expect"], pods)
+            targets = pods + sorted(casedata.node_targets(state, case.family))
+            expected = casedata.expand(step["expect"], pods, targets)
             for attempt in range(RETRIES):
-                got = probe_all(lab, pods)
+                got = probe_all(lab, pods, targets, case.family)
                 wrong = [(port, proto, a, b, want) for (port, proto), m in expected.items()
                          for (a, b), want in m.items() if got[(port, proto)][(a, b)] != want]
                 if not wrong:
@@ -112,7 +121,8 @@ def test_case(lab, case):
                                         f"{'connected' if want else 'blocked'}, got the opposite")
             if wrong:
                 shown = "\n\n".join(
-                    casedata.format_matrix(pods, got[key], expected[key]) + f"\n({key[1]}/{key[0]}; '!' = wrong)"
+                    casedata.format_matrix(pods, got[key], expected[key], targets)
+                    + f"\n({key[1]}/{key[0]}, IPv{case.family}; '!' = wrong)"
                     for key in sorted({(w[0], w[1]) for w in wrong}))
                 pytest.fail(f"{case.name} step {i}:\n" + "\n".join(outcome["wrong"][:20]) + "\n\n" + shown)
         if case.sctp_dump:
@@ -146,8 +156,11 @@ def write_report() -> None:
         "with the wrong protocol, ingress except clauses, both-directions-must-allow, policyTypes edge cases).",
         f"{cnp} cases (`*-cnp-*`) cover ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2): each action in",
         "the Admin and Baseline tiers, Pass through NetworkPolicy to Baseline, priorities and ties, rule order,",
-        "the three port forms, IPv4/IPv6 networks, and NetworkPolicies on the same pods; their truth tables",
-        "are written from the API's semantics (`docs/decisions/cluster-network-policy.md`).",
+        "the three port forms, IPv4/IPv6 networks, `nodes` peers (Node objects whose addresses live in",
+        "namespaces of their own: targets `node/<name>`, relabelled in and out of selectors), IPv6 traffic",
+        "(`family: 6` cases probe the IPv6 addresses), `domainNames` failing closed, and NetworkPolicies on",
+        "the same pods; their truth tables are written from the API's semantics",
+        "(`docs/decisions/cluster-network-policy.md`).",
         "",
         "Run it yourself (root): `.venv/bin/pytest tests/conformance -v`; try one case by hand with",
         "`policy-agent lab up --spec tests/conformance/cluster.yaml`, `policy-agent lab apply -f POLICY`,",
@@ -163,8 +176,8 @@ def write_report() -> None:
         f"| SCTP | {sctp_ok}/{len(sctp)} rule checks | not probed: this kernel has no SCTP sockets; the SCTP cases "
         "check that the rules are in the kernel's rule dump and that TCP/UDP are not let through |",
         "",
-        f"{cells} reachability cells were compared in total (9×8 non-loopback pairs × 2 ports × 2 protocols "
-        "per step). Loopback pairs (a pod to itself) are ignored, as upstream ignores them: that traffic",
+        f"{cells} reachability cells were compared in total (9×8 non-loopback pairs, plus 9 per peer node, "
+        "× 2 ports × 2 protocols per step). Loopback pairs (a pod to itself) are ignored, as upstream ignores them: that traffic",
         "never leaves the pod's namespace.",
         "",
         "| case | TCP | UDP |",

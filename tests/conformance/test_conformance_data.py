@@ -22,15 +22,17 @@ CASES = casedata.load_cases()
 BASE = casedata.load_cluster()
 PODS = casedata.pod_names(BASE)
 IPS = {p: f"10.233.{100 + i}.{10 + i}" for i, p in enumerate(PODS)}
+IPS6 = {p: f"fd00:233::{100 + i:x}:{10 + i:x}" for i, p in enumerate(PODS)}
 
 
 def snapshot(state: casedata.State) -> ClusterSnapshot:
     objs = []
     for (kind, ns, name), d in sorted(state.objects.items()):
-        d = casedata.substitute(d, IPS)
+        d = casedata.substitute(d, IPS, IPS6)
         if kind == "Pod":
+            ref = f"{ns}/{name}"
             d = {**d, "spec": {**d["spec"], "nodeName": "lab"},
-                 "status": {"phase": "Running", "podIPs": [{"ip": IPS[f"{ns}/{name}"]}]}}
+                 "status": {"phase": "Running", "podIPs": [{"ip": IPS[ref]}, {"ip": IPS6[ref]}]}}
         objs.append(parse_object(d))
     return ClusterSnapshot.of(objs)
 
@@ -47,11 +49,16 @@ def test_expectations_match_reference_evaluator(case):
     for i, step in enumerate(case.steps):
         state = casedata.advance(state, step)
         snap = snapshot(state)
-        expected = casedata.expand(step["expect"], PODS)
+        nodes = casedata.node_targets(state, case.family)
+        expected = casedata.expand(step["expect"], PODS, PODS + sorted(nodes))
+        ips = IPS6 if case.family == 6 else IPS
         wrong = []
         for (port, proto), matrix in expected.items():
             for (a, b), want in matrix.items():
-                got = reference_eval.allowed(snap, snap.pods[tuple(a.split("/"))], snap.pods[tuple(b.split("/"))], proto, port)
+                # addresses of the case's family: a node target is its address, never a pod
+                dst = nodes[b] if b in nodes else ips[b]
+                src = reference_eval.resolve(snap, snap.pods[tuple(a.split("/"))], case.family)
+                got = reference_eval.allowed(snap, src, dst, proto, port)
                 if got != want:
                     wrong.append(f"{a} -> {b} {proto}/{port}: data says {want}, reference says {got}")
         assert not wrong, f"{case.name} step {i}:\n" + "\n".join(wrong)
@@ -61,9 +68,10 @@ def test_every_step_changes_something_or_is_the_first():
     """A step whose expectation equals the previous one proves nothing about the change (unless it
     is an update that must not change reachability)."""
     for case in CASES:
-        prev = None
+        prev, state = None, BASE
         for step in case.steps:
-            cur = casedata.expand(step["expect"], PODS)
+            state = casedata.advance(state, step)
+            cur = casedata.expand(step["expect"], PODS, PODS + sorted(casedata.node_targets(state, case.family)))
             assert cur != prev, f"{case.name}: a step repeats the previous expectation"
             prev = cur
 
@@ -72,7 +80,7 @@ def test_cases_parse_as_kubernetes_objects():
     for case in CASES:
         for step in case.steps:
             for obj in step.get("apply", []):
-                parse_object(casedata.substitute(obj, IPS))
+                parse_object(casedata.substitute(obj, IPS, IPS6))
     assert all(ipaddress.ip_address(ip) for ip in IPS.values())
 
 

@@ -310,7 +310,8 @@ def test_command_line_install_and_uninstall(tmp_path):
     root = tmp_path / "host"
     conf = tmp_path / "05-vpcip.conflist"
     conf.write_text(json.dumps(install.default_conflist()))
-    cmd = [sys.executable, "-m", "cni_shim.install", f"--root={root}", f"--conflist={conf}", "--on-foreign=refuse"]
+    cmd = [sys.executable, "-m", "cni_shim.install", f"--root={root}", f"--conflist={conf}", "--on-foreign=refuse",
+           "--host-runtime=system"]  # the default, auto, would bundle a runtime into this python-less root
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "cni_installed" in proc.stderr

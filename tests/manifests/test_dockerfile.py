@@ -41,7 +41,8 @@ def stages(instrs):
     for word, args in instrs:
         if word == "FROM":
             result.append([])
-        result[-1].append((word, args))
+        if result:  # an ARG before the first FROM (BASE) belongs to no stage
+            result[-1].append((word, args))
     return result
 
 
@@ -49,7 +50,12 @@ INSTRS = instructions(DOCKERFILE.read_text())
 
 
 def test_base_images_are_pinned_and_the_same():
-    froms = [args.split()[0] for word, args in INSTRS if word == "FROM"]
+    # One Dockerfile for both routes: FROM ${BASE}, BASE's default the pinned registry image
+    # (scripts/build-images.sh passes its mmdebstrap base instead).
+    args_before_from = dict(
+        a.split("=", 1) for w, a in INSTRS[: [w for w, _ in INSTRS].index("FROM")] if w == "ARG" and "=" in a)
+    froms = [re.sub(r"\$\{(\w+)\}", lambda m: args_before_from[m.group(1)], args.split()[0])
+             for word, args in INSTRS if word == "FROM"]
     assert len(froms) >= 2, "multi-stage build expected"
     for image in froms:
         assert PINNED_BASE.match(image), image

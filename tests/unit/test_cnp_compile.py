@@ -251,9 +251,18 @@ def test_node_peers_match_the_nodes_addresses_and_follow_node_updates():
                                                       moved.addresses), deny_cp]), CFG)
 
 
-def test_domain_names_never_match_and_unknown_peers_fail_closed():
+def test_domain_names_fail_closed_and_unknown_peers_fail_closed():
     dom = CNPPeer("domainNames", domain_names=("example.com",))
-    assert ok(cnp("d", egress=[r(DENY, dom)], subject_pods=sel({"app": "b"})))
+    # Accept toward a name: matches nothing (a lower Deny still denies)
+    acc = cnp("d", egress=[r(ACCEPT, dom)], subject_pods=sel({"app": "b"}))
+    deny_all = cnp("z", egress=[r(DENY, nets("0.0.0.0/0"))], subject_pods=sel({"app": "b"}), priority=20)
+    assert ok(acc) and not ok(acc, deny_all)
+    # Deny (or Pass) toward a name: every destination on the rule's ports is denied
+    assert not ok(cnp("d", egress=[r(DENY, dom)], subject_pods=sel({"app": "b"})))
+    on_443 = cnp("d", egress=[r(DENY, dom, ports=[tcp(443)])], subject_pods=sel({"app": "b"}))
+    assert not ok(on_443, port=443) and ok(on_443, port=80)
+    passed = cnp("d", egress=[r(PASS, dom, ports=[tcp(80)])], subject_pods=sel({"app": "b"}))
+    assert not ok(passed, port=80) and ok(passed, port=81)
     acc_unknown = cnp("u", ingress=[r(ACCEPT, CNPPeer("unknown"))], subject_pods=SUBJ_A)
     assert not ok(acc_unknown, ISOLATE_A)  # Accept with an unknown peer matches nothing
     deny_unknown = cnp("u", ingress=[r(DENY, CNPPeer("unknown"), ports=[tcp(9)])], subject_pods=SUBJ_A)

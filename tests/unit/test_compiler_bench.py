@@ -27,4 +27,7 @@ def test_bench_compile_small_scale_is_consistent(tmp_path):
     assert data["incremental_equals_full"] is True
     assert data["workload"] == {"namespaces": 40, "pods": 800, "policies": 160, "local_pods": 30}
     assert data["output_shape"]["endpoints"] == 30
-    assert set(data["incremental"]) >= {"pod_add", "pod_label_change", "namespace_label_change", "policy_add"}
+    assert set(data["incremental"]) >= {
+        "remote_pod_add", "local_pod_add", "remote_pod_delete", "local_pod_delete", "remote_pod_label_change",
+        "local_pod_label_change", "namespace_label_change", "policy_add", "policy_update", "policy_delete",
+        "policy_add_selecting_local_pod", "cnp_add", "cnp_delete"}

@@ -1,42 +1,46 @@
 #!/usr/bin/env bash
-# Build kube-apiserver (and kubectl) from Debian's `kubernetes` source package with
-# Debian's own golang, and cache the binaries outside the repository, keyed by version:
-#   /var/cache/policy-agent/kube-apiserver-<version>/{kube-apiserver,kubectl}
+# Build the Kubernetes components from Debian's `kubernetes` source package with
+# Debian's own golang, in one Go build (they share most packages), and cache them
+# outside the repository, keyed by version:
+#   /var/cache/policy-agent/kube-<version>/{kube-apiserver,kubectl,kubelet,kube-proxy,
+#       kube-controller-manager,kube-scheduler,pause}
+# `pause` is the pod sandbox program from the same tree (build/pause), built static.
 # A rerun with the binaries present does nothing. Works on a fresh Debian 12 machine
 # (installs its own apt dependencies). The Debian source package vendors every Go
 # module, so no Go module proxy is contacted (GOFLAGS=-mod=vendor, GOPROXY=off).
 #
-# Usage: scripts/build-kube-apiserver.sh            # prints the cache directory
-#        KUBE_VERSION=1.20.2 scripts/build-kube-apiserver.sh
+# Usage: scripts/build-kube.sh            # prints the cache directory
+#        KUBE_VERSION=1.20.2 scripts/build-kube.sh
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
 KUBE_VERSION="${KUBE_VERSION:-1.20.2}"
 CACHE_ROOT="${POLICY_AGENT_CACHE:-/var/cache/policy-agent}"
-OUT="$CACHE_ROOT/kube-apiserver-$KUBE_VERSION"
+OUT="$CACHE_ROOT/kube-$KUBE_VERSION"
+BINS=(kube-apiserver kubectl kubelet kube-proxy kube-controller-manager kube-scheduler)
 # Present in binaries built with the reflect2 fix below; an older cache is rebuilt.
 STAMP=.reflect2-go118
 
-if [[ -x "$OUT/kube-apiserver" && -x "$OUT/kubectl" && -f "$OUT/$STAMP" ]]; then
+if [[ -f "$OUT/$STAMP" ]]; then
     echo "$OUT"
     exit 0
 fi
 
 if [[ $EUID -ne 0 ]]; then
-    echo "build-kube-apiserver: needs root (apt-get); binaries missing in $OUT" >&2
+    echo "build-kube: needs root (apt-get); binaries missing in $OUT" >&2
     exit 1
 fi
 
 mkdir -p "$CACHE_ROOT"
 # One build at a time (parallel test sessions may all find the binary missing).
-exec 9>"$CACHE_ROOT/.kube-apiserver-$KUBE_VERSION.lock"
+exec 9>"$CACHE_ROOT/.kube-$KUBE_VERSION.lock"
 flock 9
-if [[ -x "$OUT/kube-apiserver" && -x "$OUT/kubectl" && -f "$OUT/$STAMP" ]]; then
+if [[ -f "$OUT/$STAMP" ]]; then
     echo "$OUT"
     exit 0
 fi
 
-log() { echo "build-kube-apiserver: $*" >&2; }
+log() { echo "build-kube: $*" >&2; }
 
 # bookworm carries kubernetes 1.20.5+really1.20.2 (the source tree is 1.20.2).
 SRC_LIST=/etc/apt/sources.list.d/policy-agent-deb-src.sources
@@ -128,8 +132,8 @@ export GOPATH="$PWD/.go" CGO_ENABLED=0 GOPROXY=off GOTOOLCHAIN=local HOME="$WORK
 export GOCACHE="$WORK/gocache" PATH="/usr/lib/go/bin:$PATH"
 mkdir -p .go/src/k8s.io "$HOME"
 [ -L .go/src/k8s.io/kubernetes ] || ln -s ../../.. .go/src/k8s.io/kubernetes
-log "building kube-apiserver and kubectl with $(go version)"
-make WHAT="cmd/kube-apiserver cmd/kubectl" >"$WORK/build.log" 2>&1 || {
+log "building ${BINS[*]} with $(go version)"
+make WHAT="${BINS[*]/#/cmd/}" >"$WORK/build.log" 2>&1 || {
     tail -50 "$WORK/build.log" >&2
     exit 1
 }
@@ -137,11 +141,19 @@ make WHAT="cmd/kube-apiserver cmd/kubectl" >"$WORK/build.log" 2>&1 || {
 tmp_out="$OUT.tmp.$$"
 rm -rf "$tmp_out"
 mkdir -p "$tmp_out"
-for b in kube-apiserver kubectl; do
+for b in "${BINS[@]}"; do
     f="$(find _output -type f -name "$b" -perm -u+x | head -1)"
     [[ -n $f ]] || { log "no $b produced"; exit 1; }
     install -m 0755 "$f" "$tmp_out/$b"
 done
+# The sandbox ("pause") image's program, as build/pause/Makefile builds it.
+pause_c=""
+for c in build/pause/linux/pause.c build/pause/pause.c; do
+    [[ -f $c ]] && { pause_c=$c; break; }
+done
+[[ -n $pause_c ]] || { log "no build/pause source in the tree"; exit 1; }
+gcc -Os -Wall -Werror -static -DVERSION="v3.4-$KUBE_VERSION" -o "$tmp_out/pause" "$pause_c"
+strip "$tmp_out/pause"
 "$tmp_out/kube-apiserver" --version >&2
 touch "$tmp_out/$STAMP"
 rm -rf "$OUT"
