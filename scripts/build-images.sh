@@ -76,7 +76,8 @@ images_key() {
         echo "kube $KUBE_VERSION $(sha256sum <"$KUBE_DIR/pause")"
         cd "$REPO"
         find Dockerfile .dockerignore pyproject.toml setup.cfg README.md policy_agent cni_shim \
-            tests/cluster/workload -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 \
+            tests/cluster/workload -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
+            ! -path 'policy_agent/lab/cluster/*' -print0 \
             | LC_ALL=C sort -z | xargs -0 sha256sum
     } | sha
 }

@@ -154,16 +154,29 @@ def diagnostics(kube_bin: Path, kubeconfig: Path) -> str:
     return "\n\n".join(parts)
 
 
-def apply_manifests(kube_bin: Path, kubeconfig: Path) -> None:
-    """Exactly as docs/install.md says (retried while the API server finishes its bootstrap)."""
+def _apply_retrying(kube_bin: Path, kubeconfig: Path, what: str, *args: str) -> None:
+    """kubectl ``args``, retried while the API server finishes its bootstrap."""
     deadline = time.monotonic() + 60
     while True:
-        p = kubectl(kube_bin, kubeconfig, "apply", "-f", str(REPO / "manifests"), "-f", str(REPO / "manifests" / "shim"))
+        p = kubectl(kube_bin, kubeconfig, *args)
         if p.returncode == 0:
             return
         if time.monotonic() > deadline:
-            raise UpError(f"kubectl apply -f manifests/ -f manifests/shim/ failed: {p.stderr.strip()[-2000:]}")
+            raise UpError(f"{what} failed: {p.stderr.strip()[-2000:]}")
         time.sleep(1)
+
+
+def apply_manifests(kube_bin: Path, kubeconfig: Path) -> None:
+    """Exactly as docs/install.md says: the ClusterNetworkPolicy CRD first (this API server,
+    1.20, does not serve it), then `kubectl apply -f manifests/ -f manifests/shim/`."""
+    crd = "crd/clusternetworkpolicies.policy.networking.k8s.io"
+    if kubectl(kube_bin, kubeconfig, "get", crd).returncode != 0:
+        _apply_retrying(kube_bin, kubeconfig, "kubectl apply -f manifests/crd/",
+                        "apply", "-f", str(REPO / "manifests" / "crd"))
+        _apply_retrying(kube_bin, kubeconfig, f"kubectl wait --for condition=established {crd}",
+                        "wait", "--for", "condition=established", "--timeout=30s", crd)
+    _apply_retrying(kube_bin, kubeconfig, "kubectl apply -f manifests/ -f manifests/shim/",
+                    "apply", "-f", str(REPO / "manifests"), "-f", str(REPO / "manifests" / "shim"))
 
 
 def wait_daemonsets(kube_bin: Path, kubeconfig: Path, nodes: int, timeout: float) -> None:
@@ -400,7 +413,7 @@ def status(args) -> int:
         print(f"  {name:<16} {'present' if netns.exists(name) else 'MISSING'}")
     print("processes:")
     for p in st.values("pid"):
-        up_ = state._alive(p["pid"], p.get("start"))
+        up_ = state.pid_alive(p["pid"], p.get("start"))
         print(f"  {p['pid']:>8} {p.get('name') or '?':<28} {'running' if up_ else 'EXITED'}")
     nodes = st.values("node")
     if nodes:
@@ -430,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--timeout", type=float, default=300.0, help="seconds per wait (default 300)")
     p_up.add_argument("--images", default=os.environ.get("POLICY_AGENT_CLUSTER_IMAGES"),
                       help="use this images directory (images.json + tars) instead of running scripts/build-images.sh")
-    p_up.add_argument("--no-manifests", action="store_true", help="do not apply manifests/ and manifests/shim/")
+    p_up.add_argument("--no-manifests", action="store_true", help="do not apply manifests/crd/, manifests/ and manifests/shim/")
     p_up.add_argument("--keep-on-failure", action="store_true", help="leave a failed cluster up for inspection")
     p_down = sub.add_parser("down", help="remove everything <work>/state.json records")
     p_down.add_argument("--work", default=work_default)

@@ -47,6 +47,9 @@ from typing import Callable, Iterable
 
 import structlog
 
+from policy_agent.lab.cluster.state import pid_alive as _alive
+from policy_agent.lab.cluster.state import proc_start_time as _start_time
+
 log = structlog.get_logger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -146,26 +149,6 @@ def check_sysctls_unchanged(snapshot: dict[str, str]) -> None:
 
 
 # --- processes -------------------------------------------------------------------------
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _alive(pid: int, start: int | None) -> bool:
-    with contextlib.suppress(ChildProcessError, OSError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[0] != "Z" and (start is None or int(fields[19]) == start)
 
 
 def _kill(entries: Iterable[tuple[int, int | None]], grace: float) -> None:

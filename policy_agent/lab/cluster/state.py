@@ -40,7 +40,8 @@ def proc_start_time(pid: int) -> int | None:
         return None
 
 
-def _alive(pid: int, start: int | None) -> bool:
+def pid_alive(pid: int, start: int | None) -> bool:
+    """The process ``pid`` started at ``start`` (None: any) still runs (reaps our own zombies)."""
     with contextlib.suppress(ChildProcessError, OSError):
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
@@ -139,19 +140,19 @@ def mounts() -> list[str]:
 
 def kill_pids(entries: list[dict], grace: float = 5.0) -> list[int]:
     """SIGTERM, wait up to ``grace``, SIGKILL: only processes whose start time still matches."""
-    live = [(e["pid"], e.get("start")) for e in entries if _alive(e["pid"], e.get("start"))]
+    live = [(e["pid"], e.get("start")) for e in entries if pid_alive(e["pid"], e.get("start"))]
     for pid, _ in live:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p, s) for p, s in live):
+    while time.monotonic() < deadline and any(pid_alive(p, s) for p, s in live):
         time.sleep(0.05)
     for pid, start in live:
-        if _alive(pid, start):
+        if pid_alive(pid, start):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_alive(p, s) for p, s in live):
+    while time.monotonic() < deadline and any(pid_alive(p, s) for p, s in live):
         time.sleep(0.05)
     return [p for p, _ in live]
 
