@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from agent_helpers import wait_for
 from helpers.agent_process import write_atomic
-from helpers.kernel_lab import node_with_pods
+from helpers.kernel_lab import node_with_pods, pods_yaml
 
 from policy_agent.agent import Agent
 from policy_agent.compiler.options import NodeConfig
@@ -25,16 +25,6 @@ pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 IPS = {"a": "10.233.94.2", "b": "10.233.94.3", "c": "10.233.94.4"}
 PORT = 8080
-
-
-def pods_yaml() -> str:
-    docs = ["apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n"]
-    for pod, ip in IPS.items():
-        docs.append(
-            f"apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: x, labels: {{app: {pod}}}}}\n"
-            f"spec: {{nodeName: n1, containers: [{{name: c, image: i}}]}}\nstatus: {{podIPs: [{{ip: {ip}}}]}}\n"
-        )
-    return "---\n".join(docs)
 
 
 # Admin: b accepts nothing from c (TCP and UDP); a NetworkPolicy could not re-open it.
@@ -99,7 +89,7 @@ def test_unparseable_admin_deny_keeps_denying_and_never_parsed_denies_its_subjec
     node, pods = lab
     mdir = tmp_path / "manifests"
     mdir.mkdir()
-    (mdir / "pods.yaml").write_text(pods_yaml())
+    (mdir / "pods.yaml").write_text(pods_yaml(IPS))
     agent = Agent(
         NodeConfig("n1"), Dataplane(netns=node), [ManifestSource(str(mdir)), CniSource(str(tmp_path / "ep"))],
         min_interval=0.02, refresh_interval=5,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from agent_helpers import wait_for
 from helpers.agent_process import write_atomic
-from helpers.kernel_lab import node_with_pods
+from helpers.kernel_lab import node_with_pods, pods_yaml
 
 from policy_agent.agent import Agent
 from policy_agent.compiler.options import NodeConfig
@@ -25,16 +25,6 @@ pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 IPS = {"a": "10.233.93.2", "b": "10.233.93.3", "c": "10.233.93.4"}
 PORT = 8080
-
-
-def pods_yaml() -> str:
-    docs = ["apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n"]
-    for pod, ip in IPS.items():
-        docs.append(
-            f"apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: x, labels: {{app: {pod}}}}}\n"
-            f"spec: {{nodeName: n1, containers: [{{name: c, image: i}}]}}\nstatus: {{podIPs: [{{ip: {ip}}}]}}\n"
-        )
-    return "---\n".join(docs)
 
 
 ISOLATE_B = """\
@@ -86,7 +76,7 @@ def test_unparseable_policy_never_opens_a_pod(lab, tmp_path):
     node, pods = lab
     mdir = tmp_path / "manifests"
     mdir.mkdir()
-    (mdir / "pods.yaml").write_text(pods_yaml())
+    (mdir / "pods.yaml").write_text(pods_yaml(IPS))
     agent = Agent(
         NodeConfig("n1"), Dataplane(netns=node), [ManifestSource(str(mdir)), CniSource(str(tmp_path / "ep"))],
         min_interval=0.02, refresh_interval=5,

@@ -67,6 +67,17 @@ def node_with_pods(
                 print(f"cleanup of {ns} failed: {exc}", file=sys.stderr)
 
 
+def pods_yaml(ips: dict[str, str], namespace: str = "x", node: str = "n1") -> str:
+    """Manifest text: ``namespace`` and one pod per ``ips`` entry (label app=<pod>) on ``node``."""
+    docs = [f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}}}\n"]
+    for pod, ip in ips.items():
+        docs.append(
+            f"apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {namespace}, labels: {{app: {pod}}}}}\n"
+            f"spec: {{nodeName: {node}, containers: [{{name: c, image: i}}]}}\nstatus: {{podIPs: [{{ip: {ip}}}]}}\n"
+        )
+    return "---\n".join(docs)
+
+
 def can(ns: str, ip: str, port: int, proto: str = "TCP", timeout: float = 0.7, attempts: int = 2) -> bool:
     """Did a connection from inside ``ns`` to ip:port get through (best of ``attempts``)?"""
     p = netns.Probe(ns, ip, port, proto)
