@@ -9,17 +9,13 @@ status, metrics and the iptables-save comments; fixed, the real policy replaces 
 from __future__ import annotations
 
 import pytest
-from agent_helpers import wait_for
+from agent_helpers import degraded, manifest_agent, wait_for
 from helpers.agent_process import write_atomic
 from helpers.kernel_lab import node_with_pods, pods_yaml
 
-from policy_agent.agent import Agent
-from policy_agent.compiler.options import NodeConfig
 from policy_agent.dataplane.apply import Dataplane
 from policy_agent.lab import netns
 from policy_agent.shared.naming import veth_name
-from policy_agent.sources.cni import CniSource
-from policy_agent.sources.manifests import ManifestSource
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -81,21 +77,9 @@ def _eventually(pods, src: str, dst: str, want: bool) -> None:
              what=f"{src}->{dst} {'allowed' if want else 'denied'} (TCP and UDP)")
 
 
-def _degraded(agent: Agent, mode: str) -> float:
-    return agent.metrics.registry.get_sample_value("policy_agent_policies_degraded", {"mode": mode})
-
-
 def test_unparseable_admin_deny_keeps_denying_and_never_parsed_denies_its_subject(lab, tmp_path):
     node, pods = lab
-    mdir = tmp_path / "manifests"
-    mdir.mkdir()
-    (mdir / "pods.yaml").write_text(pods_yaml(IPS))
-    agent = Agent(
-        NodeConfig("n1"), Dataplane(netns=node), [ManifestSource(str(mdir)), CniSource(str(tmp_path / "ep"))],
-        min_interval=0.02, refresh_interval=5,
-    )
-    agent.start()
-    try:
+    with manifest_agent(node, tmp_path, {"pods.yaml": pods_yaml(IPS)}) as (agent, mdir):
         assert agent.wait_ready(60), agent.status()
         assert _both(pods, "c", "b") == (True, True) and _both(pods, "c", "a") == (True, True)
 
@@ -107,7 +91,7 @@ def test_unparseable_admin_deny_keeps_denying_and_never_parsed_denies_its_subjec
         write_atomic(mdir / "deny-c-to-b.yaml", DENY_C_TO_B_BAD)
         wait_for(lambda: any("deny-c-to-b" in e["message"] and "spec.ingress[0].protocols[0].tcp" in e["message"]
                              for e in agent.status()["errors"]["recent"]), what="error in the status history")
-        wait_for(lambda: _degraded(agent, "last_good") == 1, what="last_good gauge")
+        wait_for(lambda: degraded(agent, "last_good") == 1, what="last_good gauge")
         assert _both(pods, "c", "b") == (False, False), "a denied flow became allowed"
         assert _both(pods, "a", "b") == (True, True)
 
@@ -116,7 +100,7 @@ def test_unparseable_admin_deny_keeps_denying_and_never_parsed_denies_its_subjec
         assert _both(pods, "c", "a") == (True, True)
         write_atomic(mdir / "deny-c-egress.yaml", NEW_BAD_FOR_C)
         _eventually(pods, "c", "a", False)
-        wait_for(lambda: _degraded(agent, "fallback") == 1, what="fallback gauge")
+        wait_for(lambda: degraded(agent, "fallback") == 1, what="fallback gauge")
         assert _both(pods, "a", "c") == (True, True) and _both(pods, "b", "a") == (True, True)
         msgs = [e["message"] for e in agent.status()["errors"]["recent"]]
         assert any("deny-c-egress" in m and "spec.egress[0].to[0].networks[0]" in m
@@ -129,7 +113,5 @@ def test_unparseable_admin_deny_keeps_denying_and_never_parsed_denies_its_subjec
         # Fixed: the real policy (deny c -> a only on another port) replaces the stand-in.
         write_atomic(mdir / "deny-c-egress.yaml", NEW_BAD_FOR_C.replace("10.233.94.2/33", "10.233.94.9/32"))
         _eventually(pods, "c", "a", True)
-        wait_for(lambda: _degraded(agent, "fallback") == 0, what="fallback gauge back to 0")
+        wait_for(lambda: degraded(agent, "fallback") == 0, what="fallback gauge back to 0")
         assert _both(pods, "c", "b") == (False, False)  # still the last good deny-c-to-b
-    finally:
-        agent.stop()

@@ -9,17 +9,13 @@ rules (the fallback), visible in status, metrics and the iptables-save comments.
 from __future__ import annotations
 
 import pytest
-from agent_helpers import wait_for
+from agent_helpers import degraded, manifest_agent, wait_for
 from helpers.agent_process import write_atomic
 from helpers.kernel_lab import node_with_pods, pods_yaml
 
-from policy_agent.agent import Agent
-from policy_agent.compiler.options import NodeConfig
 from policy_agent.dataplane.apply import Dataplane
 from policy_agent.lab import netns
 from policy_agent.shared.naming import veth_name
-from policy_agent.sources.cni import CniSource
-from policy_agent.sources.manifests import ManifestSource
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -68,21 +64,9 @@ def _eventually(pods, src: str, dst: str, want: bool) -> None:
     wait_for(lambda: _reach(pods, src, dst) == want, 60, what=f"{src}->{dst} {'allowed' if want else 'denied'}")
 
 
-def _degraded(agent: Agent, mode: str) -> float:
-    return agent.metrics.registry.get_sample_value("policy_agent_policies_degraded", {"mode": mode})
-
-
 def test_unparseable_policy_never_opens_a_pod(lab, tmp_path):
     node, pods = lab
-    mdir = tmp_path / "manifests"
-    mdir.mkdir()
-    (mdir / "pods.yaml").write_text(pods_yaml(IPS))
-    agent = Agent(
-        NodeConfig("n1"), Dataplane(netns=node), [ManifestSource(str(mdir)), CniSource(str(tmp_path / "ep"))],
-        min_interval=0.02, refresh_interval=5,
-    )
-    agent.start()
-    try:
+    with manifest_agent(node, tmp_path, {"pods.yaml": pods_yaml(IPS)}) as (agent, mdir):
         assert agent.wait_ready(60), agent.status()
         assert _reach(pods, "a", "b") and _reach(pods, "c", "b") and _reach(pods, "a", "c")
 
@@ -94,7 +78,7 @@ def test_unparseable_policy_never_opens_a_pod(lab, tmp_path):
         write_atomic(mdir / "isolate-b.yaml", ISOLATE_B_BAD)
         wait_for(lambda: any("x/isolate-b" in e["message"] for e in agent.status()["errors"]["recent"]),
                  what="error in the status error history")
-        wait_for(lambda: _degraded(agent, "last_good") == 1, what="last_good gauge")
+        wait_for(lambda: degraded(agent, "last_good") == 1, what="last_good gauge")
         assert not _reach(pods, "c", "b"), "denied probe became allowed"
         assert _reach(pods, "a", "b")
 
@@ -102,7 +86,7 @@ def test_unparseable_policy_never_opens_a_pod(lab, tmp_path):
         write_atomic(mdir / "isolate-c.yaml", NEW_BAD_FOR_C)
         _eventually(pods, "a", "c", False)
         assert not _reach(pods, "b", "c")
-        wait_for(lambda: _degraded(agent, "fallback") == 1, what="fallback gauge")
+        wait_for(lambda: degraded(agent, "fallback") == 1, what="fallback gauge")
         msgs = [e["message"] for e in agent.status()["errors"]["recent"]]
         assert any("x/isolate-c" in m and "spec.ingress[0].from[0].ipBlock.cidr" in m for m in msgs), msgs
         save = Dataplane(netns=node).kernel.iptables_save(4)
@@ -115,6 +99,4 @@ def test_unparseable_policy_never_opens_a_pod(lab, tmp_path):
                                                                "podSelector: {matchLabels: {app: b}}"))
         _eventually(pods, "b", "c", True)
         assert not _reach(pods, "a", "c")
-        wait_for(lambda: _degraded(agent, "fallback") == 0, what="fallback gauge back to 0")
-    finally:
-        agent.stop()
+        wait_for(lambda: degraded(agent, "fallback") == 0, what="fallback gauge back to 0")
