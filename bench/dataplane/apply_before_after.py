@@ -43,20 +43,9 @@ from policy_agent.desired import render_ipset_restore, render_iptables_save  # n
 from policy_agent.lab import netns  # noqa: E402
 
 AREA = "i13bba"
-CHILD = """
-import pickle, sys, time
-sys.path.insert(0, sys.argv[4])
-from policy_agent import logs
-from policy_agent.dataplane.apply import Dataplane
-logs.configure("console", "warning", stream=sys.stderr)
-with open(sys.argv[1], "rb") as f:
-    d = pickle.load(f)
-dp = Dataplane(netns=sys.argv[2], backend=sys.argv[3])
-_ = dp.kernel
-t0 = time.perf_counter()
-dp.apply(d)
-print(time.perf_counter() - t0)
-"""
+# The timed child is run.py's, so both benches time an apply the same way.
+from run import CHILD_APPLY as CHILD  # noqa: E402
+
 # (file, old, new): each must apply exactly once, or the "before" copy is not what it claims.
 PATCHES = [
     ("dataplane/apply.py", "    was = gc.isenabled()\n    gc.disable()\n", "    was = False\n"),
