@@ -22,9 +22,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -35,9 +33,9 @@ import workload as w  # noqa: E402
 from policy_agent import logs  # noqa: E402
 from policy_agent.compiler import Compiler  # noqa: E402
 from policy_agent.compiler.options import NodeConfig  # noqa: E402
-from policy_agent.dataplane.apply import Dataplane  # noqa: E402
 from policy_agent.dataplane.kernel import binary  # noqa: E402
 from policy_agent.lab import netns  # noqa: E402
+from pairlab import pair_lab, sample  # noqa: E402
 from policy_agent.shared.naming import CHAIN_FORWARD  # noqa: E402
 
 AREA = "i13bfv"
@@ -88,20 +86,7 @@ def main() -> int:
     modes = ["none", "ct_only", "shipped", *alts]
     restore = binary(args.backend, 4, "restore")
     res: dict[str, list[float]] = {f"{k}_{m}": [] for k in ("tput", "cps") for m in modes}
-    node, ps, pc = (netns.unique_name(AREA, r) for r in ("node", "srv", "cli"))
-    made, iperf = [], None
-    try:
-        for ns in (node, ps, pc):
-            netns.create(ns)
-            made.append(ns)
-        netns.enable_forwarding(node)
-        netns.add_veth(node, ps, s_ep.interface, s_ep.ips)
-        netns.add_veth(node, pc, c_ep.interface, c_ep.ips)
-        netns.start_server(ps, tcp_ports=(conn_port, w.DENIED_PORT))
-        iperf = subprocess.Popen(["ip", "netns", "exec", ps, "iperf3", "-s", "-p", str(iperf_port)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        Dataplane(netns=node, backend=args.backend).apply(d)
+    with pair_lab(AREA, args.backend, d, s_ep, c_ep, conn_port, iperf_port) as (node, pc):
 
         def switch(mode: str) -> None:
             text = "*filter\n"
@@ -130,18 +115,9 @@ def main() -> int:
             k = r % len(modes)
             for mode in modes[k:] + modes[:k]:
                 switch(mode)
-                out = netns.run(pc, "iperf3", "-c", s_ip, "-p", str(iperf_port), "-t", str(args.seconds), "-J",
-                                timeout=60).stdout
-                res[f"tput_{mode}"].append(json.loads(out)["end"]["sum_received"]["bits_per_second"])
-                cps = netns.run(pc, sys.executable, "-c", w.CONN_CLIENT, s_ip, str(conn_port), str(args.conns), "30",
-                                timeout=60).stdout
-                res[f"cps_{mode}"].append(float(cps))
-    finally:
-        if iperf is not None:
-            iperf.terminate()
-            iperf.wait(10)
-        for ns in reversed(made):
-            netns.delete(ns)
+                tput, cps = sample(pc, s_ip, iperf_port, conn_port, args.seconds, args.conns)
+                res[f"tput_{mode}"].append(tput)
+                res[f"cps_{mode}"].append(cps)
 
     def paired(k: str, a: str, b: str) -> dict:
         rs = [x / y for x, y in zip(res[f"{k}_{a}"], res[f"{k}_{b}"])]

@@ -58,6 +58,7 @@ from policy_agent.dataplane.apply import Dataplane  # noqa: E402
 from policy_agent.dataplane.kernel import binary  # noqa: E402
 from policy_agent.desired import render_ipset_restore, render_iptables_save  # noqa: E402
 from policy_agent.lab import netns  # noqa: E402
+from pairlab import pair_lab, sample  # noqa: E402
 from policy_agent.model.types import Labels, LabelSelector, NetworkPolicy, PolicyPort, PolicyType, Protocol, Rule  # noqa: E402
 from policy_agent.model.types import Peer as MPeer  # noqa: E402
 
@@ -217,22 +218,9 @@ def per_packet(backend: str, d, pods, rounds: int, seconds: float, conns: int) -
     s_ep, c_ep = eps[server.key], eps[client.key]
     s_ip = str(server.ips[0])
     iperf_port, conn_port = w.PAIR_PORTS
-    node, ps, pc = (netns.unique_name(AREA, r) for r in ("node", "srv", "cli"))
     res: dict[str, list[float]] = {f"{k}_{m}": [] for k in ("tput", "cps") for m in MODES}
-    made, iperf = [], None
     restore = binary(backend, 4, "restore")
-    try:
-        for ns in (node, ps, pc):
-            netns.create(ns)
-            made.append(ns)
-        netns.enable_forwarding(node)
-        netns.add_veth(node, ps, s_ep.interface, s_ep.ips)
-        netns.add_veth(node, pc, c_ep.interface, c_ep.ips)
-        netns.start_server(ps, tcp_ports=(conn_port, w.DENIED_PORT))
-        iperf = subprocess.Popen(["ip", "netns", "exec", ps, "iperf3", "-s", "-p", str(iperf_port)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        Dataplane(netns=node, backend=backend).apply(d)
+    with pair_lab(AREA, backend, d, s_ep, c_ep, conn_port, iperf_port) as (node, pc):
         allowed = netns.probe(pc, s_ip, conn_port, "TCP", 2.0)
         denied = netns.probe(pc, s_ip, w.DENIED_PORT, "TCP", 1.0)
         if not allowed or denied:
@@ -250,19 +238,10 @@ def per_packet(backend: str, d, pods, rounds: int, seconds: float, conns: int) -
         for r in range(rounds):
             for mode in MODES[r % 3:] + MODES[: r % 3]:
                 switch(mode)
-                out = netns.run(pc, "iperf3", "-c", s_ip, "-p", str(iperf_port), "-t", str(seconds), "-J",
-                                timeout=60).stdout
-                res[f"tput_{mode}"].append(json.loads(out)["end"]["sum_received"]["bits_per_second"])
-                cps = netns.run(pc, sys.executable, "-c", w.CONN_CLIENT, s_ip, str(conn_port), str(conns), "30",
-                                timeout=60).stdout
-                res[f"cps_{mode}"].append(float(cps))
+                tput, cps = sample(pc, s_ip, iperf_port, conn_port, seconds, conns)
+                res[f"tput_{mode}"].append(tput)
+                res[f"cps_{mode}"].append(cps)
         switch("rules")
-    finally:
-        if iperf is not None:
-            iperf.terminate()
-            iperf.wait(10)
-        for ns in reversed(made):
-            netns.delete(ns)
 
     def paired(k: str, a: str, b: str) -> float:
         return round(statistics.median(x / y for x, y in zip(res[f"{k}_{a}"], res[f"{k}_{b}"])), 3)
