@@ -26,6 +26,7 @@ stands for each (policy_agent.lab.lab, "peer node"), and every such Node is then
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import os
@@ -190,3 +191,17 @@ def format_matrix(pods: list[str], results: dict[tuple[str, str], bool], expecte
             cells.append(c.rjust(width))
         lines.append(a.ljust(width) + " " + " ".join(cells))
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def model_lab(name: str):
+    """A lab named ``name`` running the cluster.yaml model (x/y/z × a/b/c), torn down after."""
+    from policy_agent.lab import lab as L  # the lab only where a test runs one
+
+    L.down(name)
+    lab = L.Lab(name)
+    try:
+        lab.up(L.load_docs([CLUSTER_SPEC]), timeout=300)
+        yield lab
+    finally:
+        L.down(name)

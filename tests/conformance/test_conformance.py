@@ -35,13 +35,10 @@ RETRIES = 4
 
 @pytest.fixture(scope="module")
 def lab():
-    L.down(LAB_NAME)
-    lab = L.Lab(LAB_NAME)
     try:
-        lab.up(L.load_docs([casedata.CLUSTER_SPEC]), timeout=300)
-        yield lab
+        with casedata.model_lab(LAB_NAME) as lab:
+            yield lab
     finally:
-        L.down(LAB_NAME)
         if len(RESULTS) == len(CASES):
             write_report()
 

@@ -87,20 +87,18 @@ def expected(src: str, dst: str, port: int, proto: str) -> tuple[str, str, dict]
 def lab():
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)  # the lab's agent process inherits them
-    L.down(LAB_NAME)
-    lab = L.Lab(LAB_NAME)
     try:
-        lab.up(L.load_docs([casedata.CLUSTER_SPEC]), timeout=300)
-        lab.apply(POLICIES)
-        yield lab
+        with casedata.model_lab(LAB_NAME) as lab:
+            lab.apply(POLICIES)
+            yield lab
     finally:
-        L.down(LAB_NAME)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        for path in (flow_file(lab), flow_file(lab) + ".1"):
+        log = L.Lab(LAB_NAME).flow_log_path  # known from the name, also when `up` failed
+        for path in (log, log + ".1"):
             if os.path.exists(path):
                 os.unlink(path)
 

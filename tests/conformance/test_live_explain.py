@@ -54,13 +54,8 @@ RETRIES = 4
 
 @pytest.fixture(scope="module")
 def lab():
-    L.down(LAB_NAME)
-    lab = L.Lab(LAB_NAME)
-    try:
-        lab.up(L.load_docs([casedata.CLUSTER_SPEC]), timeout=300)
+    with casedata.model_lab(LAB_NAME) as lab:
         yield lab
-    finally:
-        L.down(LAB_NAME)
 
 
 def _flows(pods: list[str]) -> list[tuple[int, str, str, str]]:
