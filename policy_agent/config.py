@@ -104,7 +104,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("min_apply_interval", "float", 0.02, "Minimum seconds between two applies (coalesces bursts)."),
     Setting("max_apply_interval", "float", 300.0, "Maximum seconds without a full recompile and apply (resync)."),
-    Setting("refresh_interval", "float", 30.0, "Seconds between kernel read-backs that repair drift (0 = off)."),
+    Setting("refresh_interval", "float", 30.0, "Seconds between drift checks: the kernel is read back in the background and only drift costs a repair on the loop (0 = off)."),
     Setting("metrics_bind", "str", "127.0.0.1", "Address of the health/metrics/status HTTP server."),
     Setting("metrics_port", "int", 9909, "Port of the health/metrics/status HTTP server (0 = any free port)."),
     Setting("unready_failures", "int", 3, "Failed applies in a row after which /readyz turns 503."),

@@ -15,7 +15,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, Mapping
+from typing import AbstractSet, Iterable, Mapping
 
 from policy_agent.shared.naming import RULE_HASH_LEN, RULE_HASH_PREFIX
 
@@ -348,6 +348,117 @@ class Hook:
         return f'-I {self.chain} 1 -m comment --comment "{RULE_HASH_PREFIX}{h}" {self.rule.body()}'
 
 
+class Members(AbstractSet[str]):
+    """An immutable set of ipset members kept as a shared base frozenset and a change to
+    it: the next version of a selector set of ~17,000 addresses (one pod more) costs
+    the change, not a copy (issue 13). Reads like a frozenset (membership and length
+    are O(1); iteration, comparison and the set operators use the frozenset, built once
+    and kept). Pickles as a plain frozenset.
+
+    Invariant: ``added`` and ``base`` are disjoint, ``removed`` is within ``base``."""
+
+    __slots__ = ("_base", "_added", "_removed", "_len", "_frozen")
+    # change (added + removed) up to which a version shares its base; past it, a copy
+    COMPACT_MIN = 64
+    COMPACT_FRACTION = 4
+
+    def __init__(self, base: frozenset[str], added: frozenset[str], removed: frozenset[str]):
+        self._base, self._added, self._removed = base, added, removed
+        self._len = len(base) - len(removed) + len(added)
+        self._frozen: frozenset[str] | None = None
+
+    @classmethod
+    def derive(cls, prev: AbstractSet[str], add: frozenset[str], rem: frozenset[str]) -> "AbstractSet[str]":
+        """``(prev - rem) | add`` for ``add`` disjoint from prev and ``rem`` within it."""
+        if isinstance(prev, Members):
+            if prev._frozen is not None:  # already built: a free new base
+                base, a0, r0 = prev._frozen, frozenset(), frozenset()
+            else:
+                base, a0, r0 = prev._base, prev._added, prev._removed
+        else:
+            base, a0, r0 = frozenset(prev), frozenset(), frozenset()
+        # an added member was either removed from base before (un-remove it) or is new
+        added = (a0 - rem) | frozenset(m for m in add if m not in base) if (a0 or add) else a0
+        removed = (r0 - add) | frozenset(m for m in rem if m in base) if (r0 or rem) else r0
+        if len(added) + len(removed) > max(cls.COMPACT_MIN, len(base) // cls.COMPACT_FRACTION):
+            return (base - removed) | added
+        if not added and not removed:
+            return base
+        return cls(base, added, removed)
+
+    def frozen(self) -> frozenset[str]:
+        f = self._frozen
+        if f is None:
+            f = self._base - self._removed if self._removed else self._base
+            f = f | self._added if self._added else f
+            self._frozen = f
+        return f
+
+    def __contains__(self, m: object) -> bool:
+        return m in self._added or (m in self._base and m not in self._removed)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        return iter(self.frozen())
+
+    @staticmethod
+    def _plain(other: object) -> object:
+        return other.frozen() if isinstance(other, Members) else other
+
+    def __eq__(self, other: object) -> bool:
+        other = self._plain(other)
+        if not isinstance(other, (set, frozenset)):
+            return NotImplemented
+        return self._len == len(other) and self.frozen() == other
+
+    def __hash__(self) -> int:
+        return hash(self.frozen())
+
+    def __le__(self, other):
+        return self.frozen() <= self._plain(other)
+
+    def __lt__(self, other):
+        return self.frozen() < self._plain(other)
+
+    def __ge__(self, other):
+        return self.frozen() >= self._plain(other)
+
+    def __gt__(self, other):
+        return self.frozen() > self._plain(other)
+
+    def __sub__(self, other):
+        return self.frozen() - self._plain(other)
+
+    def __rsub__(self, other):
+        return self._plain(other) - self.frozen()
+
+    def __or__(self, other):
+        return self.frozen() | self._plain(other)
+
+    __ror__ = __or__
+
+    def __and__(self, other):
+        return self.frozen() & self._plain(other)
+
+    __rand__ = __and__
+
+    def __xor__(self, other):
+        return self.frozen() ^ self._plain(other)
+
+    __rxor__ = __xor__
+
+    def isdisjoint(self, other) -> bool:
+        return self.frozen().isdisjoint(self._plain(other))
+
+    def __repr__(self) -> str:
+        return f"Members({len(self)} members, {len(self._added)} added and {len(self._removed)} removed from a base)"
+
+    def __reduce__(self):
+        return (frozenset, (tuple(self.frozen()),))
+
+
 @dataclass(frozen=True)
 class IPSet:
     """One ipset. type: "hash:net" | "hash:ip,port" | "hash:net,iface"; family 4 -> inet, 6 -> inet6.
@@ -361,12 +472,39 @@ class IPSet:
     name: str
     family: int
     type: str
-    members: frozenset[str] = frozenset()
+    members: AbstractSet[str] = frozenset()  # a frozenset, or Members (a change of one)
     origin: str = ""
+    # Where this version came from, when it is a small change of an earlier one:
+    # members == (base - removed) | added, with removed <= base and added & base empty
+    # (``derived`` checks both). The dataplane writes just that change when the kernel
+    # holds ``base`` (identity), so an event costs what changed, not the set's size
+    # (issue 13). Not part of the value: equality, hashing and pickles ignore it.
+    base: AbstractSet[str] | None = field(default=None, compare=False, repr=False)
+    added: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    removed: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     @property
     def inet(self) -> str:
         return "inet" if self.family == 4 else "inet6"
+
+    @classmethod
+    def derived(cls, prev: "IPSet", added: "set[str] | frozenset[str]", removed: "set[str] | frozenset[str]") -> "IPSet":
+        """``prev`` with ``removed`` taken out and ``added`` put in (disjoint), remembering the change.
+
+        O(change), not O(members): the new members are a ``Members`` sharing prev's base
+        frozenset. Members of ``added`` already in ``prev`` and of ``removed`` not in it
+        are no change."""
+        base = prev.members
+        add = frozenset(m for m in added if m not in base)
+        rem = frozenset(m for m in removed if m in base)
+        return cls(prev.name, prev.family, prev.type, Members.derive(base, add, rem), prev.origin, base, add, rem)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("base", "added", "removed")}
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in {"base": None, "added": frozenset(), "removed": frozenset(), **state}.items():
+            object.__setattr__(self, k, v)
 
 
 @dataclass(frozen=True)

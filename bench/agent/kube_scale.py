@@ -326,7 +326,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def latency_run(cl, api: Api, node_ns: str, backend: str, events: int, gap: float, n_next: int,
-                workload_pods: list[Pod]) -> dict:
+                workload_pods: list[Pod], refresh_interval: float = 30.0) -> dict:
     from policy_agent.agent import Agent
     from policy_agent.commands.run import KubeAdapter
     from policy_agent.compiler.options import NodeConfig
@@ -334,7 +334,8 @@ def latency_run(cl, api: Api, node_ns: str, backend: str, events: int, gap: floa
 
     waiter = Waiter()
     agent = Agent(NodeConfig(w.NODE), Dataplane(netns=node_ns, backend=backend),
-                  [KubeAdapter(str(cl.kubeconfig), False, node=w.NODE)], on_enforced=waiter)
+                  [KubeAdapter(str(cl.kubeconfig), False, node=w.NODE)], on_enforced=waiter,
+                  refresh_interval=refresh_interval)
     t0 = time.monotonic()
     agent.start()
     try:
@@ -343,20 +344,24 @@ def latency_run(cl, api: Api, node_ns: str, backend: str, events: int, gap: floa
         ready_s = time.monotonic() - t0
         results: dict[str, list[float]] = {}
         agent_side: dict[str, list[float]] = {}
+        api_side: dict[str, list[float]] = {}  # request sent -> response read
 
         def one(kind: str, fn) -> None:
             time.sleep(gap)
             m = waiter.mark()
             t = time.monotonic()
             fn()
+            answered = time.monotonic()  # the API server's response: its write is done
             _, own, at = waiter.wait_after(m)
             results.setdefault(kind, []).append(at - t)
             agent_side.setdefault(kind, []).append(own)
+            api_side.setdefault(kind, []).append(answered - t)
 
         def settle() -> None:  # the create's own event, not timed
             time.sleep(gap)
 
-        rng_ns = [f"ns-{i:03d}" for i in range(0, 2 * events, 2)]
+        n_ns = len(workload_pods) // w.PODS_PER_NS  # at 2k pods there are only 100 namespaces
+        rng_ns = [f"ns-{i:03d}" for i in range(0, min(2 * events, n_ns), 2)]
         made: list[tuple[str, str]] = []
         for e in range(events):
             for where, node in (("local", w.NODE), ("remote", "node-7")):
@@ -416,11 +421,16 @@ def latency_run(cl, api: Api, node_ns: str, backend: str, events: int, gap: floa
         return {
             "in_process_ready_s": round(ready_s, 2),
             "counts": st["counts"],
+            "refresh_interval_s": refresh_interval,
+            "drift_checks": agent.metrics.refreshes._value.get(),
+            "run_s": round(time.monotonic() - t0 - ready_s, 1),
             "latency_ms": {k: {"n": len(v), "p50": round(pct(v, 0.5) * 1e3, 1), "p99": round(pct(v, 0.99) * 1e3, 1),
                                "max": round(max(v) * 1e3, 1), "mean": round(statistics.mean(v) * 1e3, 1)}
                            for k, v in results.items()},
             "agent_side_ms": {k: {"p50": round(pct(v, 0.5) * 1e3, 1), "p99": round(pct(v, 0.99) * 1e3, 1)}
                               for k, v in agent_side.items()},
+            "api_response_ms": {k: {"p50": round(pct(v, 0.5) * 1e3, 1), "p99": round(pct(v, 0.99) * 1e3, 1)}
+                                for k, v in api_side.items()},
             "rss_mb_agent_plus_driver": rss_of(os.getpid()),
         }
     finally:
@@ -434,6 +444,8 @@ def main() -> int:
     ap.add_argument("--gap", type=float, default=0.1, help="pause between changes (s)")
     ap.add_argument("--settle", type=float, default=20.0, help="seconds after ready before the RSS is read again")
     ap.add_argument("--backend", choices=("nft", "legacy"), default="nft")
+    ap.add_argument("--refresh-interval", type=float, default=30.0,
+                    help="the agent's drift check period during the latency run (its default: 30 s)")
     ap.add_argument("--kube-bin", default="", help="directory with kube-apiserver (default: the test suite's cache)")
     ap.add_argument("--parts", default="restart,informer,latency")
     ap.add_argument("--json", default="")
@@ -509,7 +521,8 @@ def main() -> int:
                 print(json.dumps({"informer": r}), flush=True)
         if "latency" in parts:
             out["loadavg_before_latency"] = os.getloadavg()
-            r = latency_run(cl, api, node_ns, args.backend, args.events, args.gap, len(pods) + 1000, pods)
+            r = latency_run(cl, api, node_ns, args.backend, args.events, args.gap, len(pods) + 1000, pods,
+                            args.refresh_interval)
             out["agent_in_process"] = r
             print(json.dumps({"latency": r}), flush=True)
         out["loadavg_at_end"] = os.getloadavg()

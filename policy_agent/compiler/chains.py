@@ -246,9 +246,11 @@ def _dispatch_child(name: str, field_name: str, direction: str, group: tuple[tup
 
 
 @lru_cache(maxsize=1024)
-def _bin_rule(field_name: str, direction: str, pattern: str, ch: str, count: int) -> tuple[str, Rule]:
+def _bin_rule(field_name: str, direction: str, pattern: str, ch: str) -> tuple[str, Rule]:
+    # No pod count in the comment: rule hashes chain over the rules before them, so a
+    # count would rewrite every later bin of the root on each pod add (issue 13).
     child = naming.dispatch_child_chain(direction, ch)
-    return child, Rule(Match(**{field_name: pattern}), Action("GOTO", child), f"{count} pods on {pattern}")
+    return child, Rule(Match(**{field_name: pattern}), Action("GOTO", child), f"pods on {pattern}")
 
 
 def dispatch_chains(node: NodeConfig, endpoints: list[tuple[str, str]]) -> dict[str, Chain]:
@@ -274,7 +276,7 @@ def dispatch_chains(node: NodeConfig, endpoints: list[tuple[str, str]]) -> dict[
             if len(group) == 1 or c == "":
                 root_rules += [_goto(field_name, n, target_of(n), ref) for n, ref in group]
                 continue
-            child, rule = _bin_rule(field_name, direction, f"{cp}{c}+", c, len(group))
+            child, rule = _bin_rule(field_name, direction, f"{cp}{c}+", c)
             root_rules.append(rule)
             out[child] = _dispatch_child(child, field_name, direction, group, node.deny_action)
         out[root] = Chain(root, tuple(root_rules) + (_end_rule(deny),))

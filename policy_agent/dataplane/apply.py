@@ -70,10 +70,11 @@ import contextlib
 import gc
 import json
 import os
+import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import structlog
 
@@ -201,6 +202,14 @@ def _differs(new: object, old: object) -> bool:
     return new is not old and new != old
 
 
+def _set_differs(new: IPSet, old: IPSet | None) -> bool:
+    if new is old:
+        return False
+    if old is not None and new.base is old.members and (new.added or new.removed):
+        return True  # a derived change (IPSet.derived) of old: no need to compare every member
+    return new != old
+
+
 @dataclass
 class _Delta:
     """What differs between the remembered (last applied) state and a new one."""
@@ -246,7 +255,7 @@ def _diff(prev: DesiredState, desired: DesiredState, refs: Counter) -> _Delta:
             chains[key] = changed
     if any(refs[k] > 0 for k in removed_chains):
         bad = True
-    sets = {n: s for n, s in desired.ipsets.items() if _differs(s, prev.ipsets.get(n))}
+    sets = {n: s for n, s in desired.ipsets.items() if _set_differs(s, prev.ipsets.get(n))}
     gone = prev.ipsets.keys() - desired.ipsets.keys()
     for n in gone:
         if refs[("s", 4, n)] > 0 or refs[("s", 6, n)] > 0:
@@ -417,6 +426,9 @@ class Dataplane:
         self._sweep_other = sweep_other_backend and kernel is None
         self._ipt: dict[int, dict[str, ipt.KTable]] | None = None
         self._sets: dict[str, ips.KSet] | None = None
+        # set name -> the desired members object the kernel set was written from (while
+        # the cache is trusted): the next version, derived from it, is written as a change
+        self._set_sources: dict[str, frozenset[str]] = {}
         self._desired: DesiredState | None = None
         self._sweep_ok = False
         # The last state written completely, with the reference counts of its chains:
@@ -438,6 +450,12 @@ class Dataplane:
         self._aside_logged: set[tuple] = set()  # (kind, name, member) set aside now, logged once
         self._sets_before: dict[str, ips.KSet] | None = None  # kernel sets before this apply's writes
         self._isolation_restores = 0
+        # Drift checks in the background (check_start/check_poll): what each write since a
+        # check began touched, so the check ignores what we changed ourselves meanwhile.
+        self._write_gen = 0
+        self._touched: dict[tuple, int] = {}  # ("s", set) / ("c", family, table, chain) -> gen
+        self._void_gen = 0  # the cache was dropped at this gen: checks begun before are void
+        self._check_job: _DriftCheck | None = None
 
     # --- kernel access --------------------------------------------------------
 
@@ -461,6 +479,7 @@ class Dataplane:
         if start is None:  # e.g. FakeKernel
             self._ipt = {f: ipt.parse_save(k.iptables_save(f)) for f in self.families}
             self._sets = ips.parse_ipset_save(k.ipset_save())
+            self._set_sources.clear()
             return
         jobs = [start(f) for f in self.families] + [k.ipset_save_start()]
         texts: list[str] = []
@@ -474,11 +493,14 @@ class Dataplane:
             raise error
         self._ipt = {f: ipt.parse_save(t) for f, t in zip(self.families, texts)}
         self._sets = ips.parse_ipset_save(texts[-1])
+        self._set_sources.clear()
 
     def invalidate(self) -> None:
         self._ipt = None
         self._sets = None
+        self._set_sources.clear()
         self._applied = None
+        self._void_gen = self._write_gen
 
     # --- public operations ----------------------------------------------------
 
@@ -523,6 +545,49 @@ class Dataplane:
             log.debug("dataplane_refresh_clean", netns=self.netns)
         return report
 
+    def check_start(self) -> bool:
+        """Begin a drift check: read the kernel in a worker thread and compare it with
+        the cache (what we wrote), while applies go on. False if a full ``refresh()`` is
+        due instead (nothing cached, something set aside or deferred: a refresh retries
+        those) or one is running. ``check_poll()`` collects the result."""
+        if self._check_job is not None:
+            return True
+        if (self._desired is None or self._ipt is None or self._sets is None or self._defer_chain_deletes
+                or self._stale_sets_failed or self._aside_sets or self._aside_members or self._aside_chains):
+            return False
+        self._write_gen += 1
+        threaded = getattr(self.kernel, "iptables_save_start", None) is not None
+        self._check_job = _DriftCheck(self.kernel, self.families, self._write_gen, self._sets, self._ipt, threaded)
+        return True
+
+    def check_poll(self) -> ApplyReport | None:
+        """None while the check runs. Then: the kernel matched the cache (an empty
+        report), or it did not, where nothing of ours wrote since the check began: then
+        a full ``refresh()`` repairs it (its report). A check voided by an invalidation
+        meanwhile, or that failed to read, ends with a full refresh too."""
+        job = self._check_job
+        if job is None or not job.done.is_set():
+            return None
+        self._check_job = None
+        if job.error is not None or self._void_gen >= job.gen:
+            if job.error is not None:
+                log.warning("dataplane_drift_check_failed", netns=self.netns, error=str(job.error))
+            return self.refresh()
+        drift = sorted(k for k in job.differs if self._touched.get(k, 0) < job.gen)
+        # forget what no check running from now on can need
+        self._touched = {k: g for k, g in self._touched.items() if g > job.gen}
+        if drift:
+            log.info("dataplane_drift_found", netns=self.netns, objects=len(drift),
+                     examples=[":".join(map(str, k)) for k in drift[:5]])
+            return self.refresh()
+        log.debug("dataplane_check_clean", netns=self.netns, seconds=round(job.seconds, 3))
+        return ApplyReport(backend=self.backend)
+
+    def _touch(self, keys: Iterable[tuple]) -> None:
+        gen = self._write_gen
+        for k in keys:
+            self._touched[k] = gen
+
     def cleanup(self) -> ApplyReport:
         """Remove every chain, rule and set of ours (both families, both backends)."""
         report = ApplyReport(backend=self.backend)
@@ -563,6 +628,7 @@ class Dataplane:
 
     def _converge_gc_paused(self, desired: DesiredState, sweep: bool, delta: _Delta | None) -> ApplyReport:
         start = time.monotonic()
+        self._write_gen += 1  # writes from here on are newer than any check already running
         delay = self.backoff
         last: Exception | None = None
         self._sets_before = None
@@ -624,11 +690,14 @@ class Dataplane:
         # 1. ipsets first: every set a rule will reference exists and is filled. The
         # batch is streamed to one ``ipset restore`` set by set as it is planned, and
         # runs on while the iptables transactions are planned (2 cores: the planner
-        # and ipset overlap); the iptables restores start only after it succeeded.
+        # and ipset overlap); the iptables restores start only after it succeeded,
+        # unless no chain they write uses a set this batch writes (then the order
+        # cannot matter to those rules, and the event does not wait for two processes
+        # in a row: docs/decisions/event-latency-50k.md).
         feed = _IpsetFeed(self.kernel)
         try:
             plan = ips.plan_ipsets(desired.ipsets if delta is None else delta.sets, self._sets, self.maxelem,
-                                   emit=feed.write)
+                                   emit=feed.write, sources=self._set_sources)
         except ValueError as exc:  # a member we cannot even parse: isolate it like a refused one
             # Sets streamed before it may be written (ipset restore is not atomic anyway):
             # the isolation re-reads the kernel and puts back what was there before.
@@ -639,12 +708,13 @@ class Dataplane:
         # 2./3. one transaction per table, one restore per family.
         todo: list[tuple[int, list[ipt.TablePlan], str]] = []
         kept: list[tuple[int, ipt.TablePlan]] = []
+        jobs: list[Any] | None = None
         try:
             for family in self.families:
                 tables = self._ipt[family]
                 hooks = _hooks(desired, family, keep)
                 names = {t for (f, t) in desired.chains if f == family} | {h.table for h in hooks}
-                names |= {n for n, t in tables.items() if _has_ours(t)}
+                names |= {n for n, t in tables.items() if n not in names and _has_ours(t)}
                 plans = []
                 for t in sorted(names):
                     only = None if delta is None else delta.chains.get((family, t), ())
@@ -655,11 +725,18 @@ class Dataplane:
                 text = "".join(p.restore_text() for p in plans)
                 if text:
                     todo.append((family, plans, text))
+            if ipset_job is not None and todo and not (_sets_used(desired, todo) & _sets_written(plan)):
+                jobs = [_start_iptables(self.kernel, family, text) for family, _, text in todo]
         finally:
             if ipset_job is not None:
                 try:
-                    ipset_job.wait()  # nothing of iptables was written
+                    ipset_job.wait()  # nothing of iptables was written, or nothing that uses these sets
                 except CommandError as exc:
+                    for job in jobs or ():
+                        try:
+                            job.wait()  # never leave a restore running; the retry re-reads both
+                        except CommandError:
+                            pass
                     raise _StageFailed("ipset", exc) from exc
                 # Written: the cache says so even if planning raised meanwhile.
                 report.ipset_lines += len(plan.lines)
@@ -669,9 +746,21 @@ class Dataplane:
                 for name, members in plan.members.items():
                     s = desired.ipsets[name]
                     self._sets[name] = ips.KSet(name, s.type, s.family, self.maxelem, members)
+                    self._set_sources.pop(name, None)
+                for name, (adds, dels) in plan.changes.items():
+                    # A new set object: _sets_before may hold the old one (isolation restores it).
+                    k = self._sets[name]
+                    members = set(k.members)
+                    members.difference_update(dels)
+                    members.update(adds)
+                    self._sets[name] = ips.KSet(name, k.type, k.family, k.maxelem, members)
+                self._set_sources.update(plan.sources)
+                if self._check_job is not None:
+                    self._touch(("s", n) for n in [*plan.members, *plan.changes])
 
         # The families are independent tables: their restores run side by side.
-        jobs = [_start_iptables(self.kernel, family, text) for family, _, text in todo]
+        if jobs is None:
+            jobs = [_start_iptables(self.kernel, family, text) for family, _, text in todo]
         errors = []
         failed_families = []
         for job, (family, _p, _t) in zip(jobs, todo):
@@ -696,6 +785,9 @@ class Dataplane:
             report.iptables_lines += _count(text)
             report.restore_calls += 1
             for p in plans:
+                if p.lines and self._check_job is not None:
+                    self._touch(("c", family, p.table, c)
+                                for c in [*p.created, *p.rewritten, *p.deleted, *p.hooks_repaired])
                 if p.lines:
                     report.chains_created += [f"v{family}:{c}" for c in p.created]
                     report.chains_rewritten.update({f"v{family}:{c}": n for c, n in p.rewritten.items() if c not in p.created})
@@ -764,6 +856,9 @@ class Dataplane:
         report.ipsets_destroyed = done
         for n in done:
             self._sets.pop(n, None)
+            self._set_sources.pop(n, None)
+        if self._check_job is not None:
+            self._touch(("s", n) for n in done)
 
     def _log_kept(self, family: int, plan: ipt.TablePlan) -> None:
         for name, referrers in plan.kept_referenced.items():
@@ -828,7 +923,8 @@ class Dataplane:
         for n, refused in self._aside_members.items():
             if n in ipsets:
                 s = ipsets[n]
-                ipsets[n] = replace(s, members=frozenset(m for m in s.members if m not in refused))
+                # A new value, not a change of the desired set's base: no delta carried.
+                ipsets[n] = IPSet(s.name, s.family, s.type, frozenset(m for m in s.members if m not in refused), s.origin)
         chains: dict[tuple[int, str], dict[str, Chain]] = {}
         kept: _Kept = {}
         for (family, table), tbl in desired.chains.items():
@@ -1165,6 +1261,89 @@ def _layers(tbl: dict[str, Chain], names: list[str]) -> list[list[str]]:
 def _count(text: str) -> int:
     """Kernel lines written: rule/chain lines, not the *table/COMMIT framing."""
     return sum(1 for ln in text.splitlines() if ln and not ln.startswith("*") and ln != "COMMIT")
+
+
+def _sets_used(desired: DesiredState, todo: list[tuple[int, list[ipt.TablePlan], str]]) -> set[str]:
+    """Sets referenced by the chains these restores create or rewrite."""
+    out: set[str] = set()
+    for family, plans, _text in todo:
+        for p in plans:
+            tbl = desired.table(family, p.table)
+            for name in [*p.created, *p.rewritten]:
+                c = tbl.get(name)
+                if c is not None:
+                    out |= c.ipsets
+    return out
+
+
+def _sets_written(plan: ips.IpsetPlan) -> set[str]:
+    return {*plan.members, *plan.changes, *plan.created, *plan.swapped}
+
+
+def _chain_signatures(tables: Mapping[int, Mapping[str, ipt.KTable]]) -> dict[tuple, tuple]:
+    """What a refresh compares, per chain: the rule hashes of our chains, and the
+    positions and identities of our rules in anyone's chain (hooks in built-ins)."""
+    out: dict[tuple, tuple] = {}
+    for family, tbls in tables.items():
+        for tname, t in tbls.items():
+            for name, c in list(t.chains.items()):
+                rules = list(c.rules)
+                if owns_chain(name):
+                    out[("c", family, tname, name)] = ("-", tuple(r.hash or r.spec for r in rules))
+                elif any(r.ours for r in rules):
+                    out[("c", family, tname, name)] = (
+                        c.policy, tuple((i, r.hash or r.spec) for i, r in enumerate(rules) if r.ours))
+    return out
+
+
+class _DriftCheck:
+    """Read the kernel and list what differs from the cache snapshot taken at the start.
+
+    The snapshot is taken in the caller's thread (KSets and chain rule lists are
+    replaced, never changed in place, by later applies); the saves, the parse and the
+    comparison run in a worker thread, so the loop keeps applying events meanwhile.
+    Kernels without the *_start methods (the fake) are checked in the caller's thread."""
+
+    def __init__(self, kernel: Kernel, families: tuple[int, ...], gen: int,
+                 sets: Mapping[str, ips.KSet], tables: Mapping[int, Mapping[str, ipt.KTable]], threaded: bool):
+        self.gen = gen
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.differs: set[tuple] = set()
+        self.seconds = 0.0
+        self._sets = dict(sets)
+        self._chains = _chain_signatures(tables)
+        self._kernel = kernel
+        self._families = families
+        if threaded:
+            threading.Thread(target=self._run, name="dataplane-check", daemon=True).start()
+        else:
+            self._run()
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            k = self._kernel
+            start = getattr(k, "iptables_save_start", None)
+            if start is not None:
+                jobs = [start(f) for f in self._families] + [k.ipset_save_start()]
+                texts = [j.wait() for j in jobs]
+            else:
+                texts = [k.iptables_save(f) for f in self._families] + [k.ipset_save()]
+            tables = {f: ipt.parse_save(text) for f, text in zip(self._families, texts)}
+            sets = ips.parse_ipset_save(texts[-1])
+            chains = _chain_signatures(tables)
+            self.differs = {key for key in chains.keys() | self._chains.keys()
+                            if chains.get(key) != self._chains.get(key)}
+            for name in sets.keys() | self._sets.keys():
+                a, b = sets.get(name), self._sets.get(name)
+                if a is None or b is None or (a.type, a.family, a.maxelem) != (b.type, b.family, b.maxelem) \
+                        or a.members != b.members:
+                    self.differs.add(("s", name))
+        except BaseException as exc:  # reported by check_poll; the loop never sees a raise from here
+            self.error = exc
+        self.seconds = time.monotonic() - t0
+        self.done.set()
 
 
 class _Done:

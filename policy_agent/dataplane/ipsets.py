@@ -97,6 +97,41 @@ def canon_member(set_type: str, text: str) -> str:
 
 
 def parse_ipset_save(text: str, owned_only: bool = True) -> dict[str, KSet]:
+    """``ipset save`` text -> sets (ours only, unless ``owned_only`` is off).
+
+    ``ipset save`` prints each set's ``create`` line followed by all of its ``add``
+    lines; each such block is taken apart with whole-string operations (no Python step
+    per member), which is what a drift check or a refresh pays for every member of
+    every set (issue 13). Text of any other shape goes through the line-by-line reader."""
+    if not text.startswith("create ") or "\r" in text or "\t" in text or "  " in text:
+        return _parse_ipset_save_lines(text, owned_only)
+    sets: dict[str, KSet] = {}
+    for block in text.split("\ncreate "):
+        first, _, rest = block.partition("\n")
+        parts = first.split()
+        if first.startswith("create "):
+            parts = parts[1:]
+        if len(parts) < 2:
+            return _parse_ipset_save_lines(text, owned_only)
+        name = parts[0]
+        if owned_only and not owns_ipset(name):
+            continue
+        rest = rest.rstrip("\n")
+        head = f"add {name} "
+        nlines = rest.count("\n") + 1 if rest else 0
+        if rest and (rest.count(head) != nlines or not rest.startswith(head) or "\n\n" in rest
+                     or " \n" in rest or rest.endswith(" ")):
+            return _parse_ipset_save_lines(text, owned_only)  # an unexpected line: the careful way
+        members = set(rest[len(head):].split("\n" + head)) if rest else set()
+        if len(members) != nlines:
+            return _parse_ipset_save_lines(text, owned_only)
+        opts = dict(zip(parts[2::2], parts[3::2]))
+        sets[name] = KSet(name, parts[1], 6 if opts.get("family") == "inet6" else 4,
+                          int(opts.get("maxelem", DEFAULT_MAXELEM)), members)
+    return sets
+
+
+def _parse_ipset_save_lines(text: str, owned_only: bool) -> dict[str, KSet]:
     sets: dict[str, KSet] = {}
     for line in text.splitlines():
         parts = line.split()
@@ -122,6 +157,11 @@ class IpsetPlan:
     updated: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (added, removed)
     swapped: list[str] = field(default_factory=list)
     members: dict[str, set[str]] = field(default_factory=dict)  # canonical members of every set written
+    # sets written as a change of the kernel's version: name -> (canonical adds, dels)
+    changes: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
+    # name -> the desired members object the kernel now holds, for sets whose canonical
+    # form is one to one with it (the next version may be written as a change of it)
+    sources: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def restore_text(self) -> str:
         return "\n".join(self.lines) + "\n" if self.lines else ""
@@ -187,14 +227,14 @@ def _host_delta(s: IPSet) -> set[str] | None:
     return out
 
 
-def desired_members(s: IPSet) -> set[str]:
+def desired_members(s: IPSet, memo: bool = True) -> set[str]:
     """Canonical members (``canon_member`` of each). The common shapes (host addresses
     of a hash:net, v4 (address, port) pairs) are done in bulk: several times faster
     cold, which is what the first apply of a fresh process pays for 10^4-10^5 members."""
     members = s.members
     try:
         if s.type == "hash:net" and members:
-            if (hit := _host_delta(s)) is not None:
+            if memo and (hit := _host_delta(s)) is not None:
                 if len(members) >= HOST_MEMO_MIN:
                     _HOST_MEMO[s.name] = (members, frozenset(hit))
                 return hit
@@ -207,7 +247,7 @@ def desired_members(s: IPSet) -> set[str]:
                 if got is not None:
                     out.update(got)
                     rest.clear()
-                    if len(members) >= HOST_MEMO_MIN and af == socket.AF_INET and s.family == 4:
+                    if memo and len(members) >= HOST_MEMO_MIN and af == socket.AF_INET and s.family == 4:
                         _HOST_MEMO[s.name] = (members, frozenset(out))
                     break
                 hosts = [m for m in rest if m.endswith(suffix)]  # a mixed set: its hosts in bulk
@@ -223,11 +263,36 @@ def desired_members(s: IPSet) -> set[str]:
         raise ValueError(f"ipset {s.name}: bad member: {exc}") from exc
 
 
+def _change_of(s: IPSet, k: KSet) -> tuple[list[str], list[str]] | None:
+    """Canonical (adds, dels) taking the kernel's ``k`` (known to be the one-to-one
+    canonical form of ``s.base``) to ``s``, in O(change); None if that cannot be shown
+    cheaply (the full comparison decides then)."""
+    base = s.base
+    assert base is not None
+    if any(m in base for m in s.added) or not all(m in base for m in s.removed):
+        return None  # not a change of base as IPSet.derived makes them
+    # memo=False: the memo under this name holds the whole set, not these few members
+    adds = sorted(desired_members(IPSet(s.name, s.family, s.type, s.added), memo=False)) if s.added else []
+    dels = sorted(desired_members(IPSet(s.name, s.family, s.type, s.removed), memo=False)) if s.removed else []
+    # One to one still: every removed member was in the kernel, no added one is (an
+    # added spelling of a present address would collapse with it), and none collide.
+    if len(adds) != len(s.added) or len(dels) != len(s.removed):
+        return None
+    if any(m in k.members for m in adds) or not all(m in k.members for m in dels):
+        return None
+    return adds, dels
+
+
 def plan_ipsets(desired: Mapping[str, IPSet], kernel: Mapping[str, KSet], maxelem: int = DEFAULT_MAXELEM,
-                emit: Callable[[str], None] | None = None) -> IpsetPlan:
+                emit: Callable[[str], None] | None = None,
+                sources: Mapping[str, frozenset[str]] | None = None) -> IpsetPlan:
     """``emit``: called with each set's restore text as soon as that set is planned
-    (the caller streams it to a running ``ipset restore``); the plan holds it too."""
+    (the caller streams it to a running ``ipset restore``); the plan holds it too.
+    ``sources``: the desired members object each kernel set was last written from
+    (``IpsetPlan.sources`` of earlier plans, while nobody else wrote): a set derived
+    from that very object is written as its change alone."""
     plan = IpsetPlan()
+    sources = sources or {}
     done = 0
     for name in [n for n in _HOST_MEMO if n not in desired]:
         del _HOST_MEMO[name]
@@ -238,9 +303,26 @@ def plan_ipsets(desired: Mapping[str, IPSet], kernel: Mapping[str, KSet], maxele
         s = desired[name]
         if not owns_ipset(name):
             raise ValueError(f"desired ipset {name!r} does not carry our prefix")
+        k = kernel.get(name)
+        if (s.base is not None and k is not None and sources.get(name) is s.base
+                and (k.type, k.family, k.maxelem) == (s.type, s.family, maxelem)):
+            try:
+                change = _change_of(s, k)
+            except ValueError as exc:
+                raise ValueError(f"ipset {name}: bad member: {exc}") from exc
+            if change is not None:
+                adds, dels = change
+                plan.lines.extend(f"del {name} {m} -exist" for m in dels)
+                plan.lines.extend(f"add {name} {m} -exist" for m in adds)
+                if adds or dels:
+                    plan.updated[name] = (len(adds), len(dels))
+                    plan.changes[name] = change
+                plan.sources[name] = s.members
+                continue
         want = desired_members(s)
         plan.members[name] = want
-        k = kernel.get(name)
+        if len(want) == len(s.members):
+            plan.sources[name] = s.members
         if k is None:
             plan.lines.append(_create(name, s, maxelem))
             plan.lines.extend(map(f"add {name} ".__add__, sorted(want)))

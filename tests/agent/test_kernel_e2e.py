@@ -181,3 +181,35 @@ def test_run_command_sigterm_leaves_rules_enforcing(lab, tmp_path):
         assert not _reach(pods, "a") and not _reach(pods, "c")
     finally:
         agent.stop()
+
+
+def test_a_background_drift_check_repairs_a_member_someone_deleted(lab, tmp_path):
+    """The periodic refresh reads the kernel in a worker thread (Dataplane.check_start):
+    a member deleted behind the agent's back is found and put back, and traffic it
+    allowed flows again, without the loop stopping to read (issue 13)."""
+    node, pods = lab
+    mdir = tmp_path / "manifests"
+    mdir.mkdir()
+    (mdir / "pods.yaml").write_text(_pods_yaml({}))
+    (mdir / "deny.yaml").write_text(DENY_ALL)
+    (mdir / "allow.yaml").write_text(ALLOW_A_TO_B)
+    agent = Agent(NodeConfig("n1"), Dataplane(netns=node), [ManifestSource(str(mdir)), CniSource(str(tmp_path / "ep"))],
+                  min_interval=0.02, refresh_interval=0.5, gc_freeze=False)
+    agent.start()
+    try:
+        assert agent.wait_ready(60), agent.status()
+        _eventually(pods, "a", True)
+        saved = netns.run(node, "ipset", "save").stdout
+        owner = next(ln.split()[1] for ln in saved.splitlines()
+                     if ln.startswith("add pa4s-") and ln.split()[2] == IPS["a"])
+        refreshes = agent.metrics.refreshes._value.get()
+        netns.run(node, "ipset", "del", owner, IPS["a"])  # fails unless it was there
+        wait_for(lambda: IPS["a"] in netns.run(node, "ipset", "save", owner).stdout, 30, what="member put back")
+        assert agent.metrics.refreshes._value.get() > refreshes
+        _eventually(pods, "a", True, timeout=30)
+        # a change made while checks keep running is still applied
+        write_atomic(mdir / "pods.yaml", _pods_yaml({"a": "z", "c": "a"}))
+        _eventually(pods, "a", False)
+        _eventually(pods, "c", True)
+    finally:
+        agent.stop()

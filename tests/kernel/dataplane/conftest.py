@@ -84,6 +84,17 @@ def backends() -> list:
 
 
 @pytest.fixture(params=backends())
+def bare_node(request):
+    """(backend, netns): an empty node namespace, no pods."""
+    name = netns.unique_name(AREA, "bare")
+    netns.create(name)
+    try:
+        yield request.param, name
+    finally:
+        netns.delete(name)
+
+
+@pytest.fixture(params=backends())
 def lab(request):
     backend = request.param
     node = netns.unique_name(AREA, "node")

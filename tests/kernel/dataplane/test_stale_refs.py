@@ -23,18 +23,9 @@ E4 = ipset_name(4, "e", "anti-spoof")
 E6 = ipset_name(6, "e", "anti-spoof")
 
 
-def _backends() -> list:
-    return ["nft", pytest.param("legacy", marks=pytest.mark.skipif(not legacy_available(), reason="no legacy iptables"))]
-
-
-@pytest.fixture(params=_backends())
-def node(request):
-    name = netns.unique_name("dpst", "node")
-    netns.create(name)
-    try:
-        yield request.param, name
-    finally:
-        netns.delete(name)
+@pytest.fixture
+def node(bare_node):
+    return bare_node
 
 
 def _state(chains: dict[str, Chain], sets: dict[str, IPSet], family: int = 4) -> DesiredState:
