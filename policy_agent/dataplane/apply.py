@@ -74,7 +74,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import AbstractSet, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import structlog
 
@@ -428,7 +428,7 @@ class Dataplane:
         self._sets: dict[str, ips.KSet] | None = None
         # set name -> the desired members object the kernel set was written from (while
         # the cache is trusted): the next version, derived from it, is written as a change
-        self._set_sources: dict[str, frozenset[str]] = {}
+        self._set_sources: dict[str, AbstractSet[str]] = {}
         self._desired: DesiredState | None = None
         self._sweep_ok = False
         # The last state written completely, with the reference counts of its chains:

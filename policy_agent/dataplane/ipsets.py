@@ -15,7 +15,7 @@ import re
 import socket
 from itertools import repeat
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import AbstractSet, Callable, Iterable, Mapping
 
 from policy_agent.desired import IPSet
 from functools import lru_cache
@@ -161,7 +161,7 @@ class IpsetPlan:
     changes: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
     # name -> the desired members object the kernel now holds, for sets whose canonical
     # form is one to one with it (the next version may be written as a change of it)
-    sources: dict[str, frozenset[str]] = field(default_factory=dict)
+    sources: dict[str, AbstractSet[str]] = field(default_factory=dict)
 
     def restore_text(self) -> str:
         return "\n".join(self.lines) + "\n" if self.lines else ""
@@ -285,7 +285,7 @@ def _change_of(s: IPSet, k: KSet) -> tuple[list[str], list[str]] | None:
 
 def plan_ipsets(desired: Mapping[str, IPSet], kernel: Mapping[str, KSet], maxelem: int = DEFAULT_MAXELEM,
                 emit: Callable[[str], None] | None = None,
-                sources: Mapping[str, frozenset[str]] | None = None) -> IpsetPlan:
+                sources: Mapping[str, AbstractSet[str]] | None = None) -> IpsetPlan:
     """``emit``: called with each set's restore text as soon as that set is planned
     (the caller streams it to a running ``ipset restore``); the plan holds it too.
     ``sources``: the desired members object each kernel set was last written from
