@@ -190,6 +190,16 @@ def namespace(name: str, labels: dict | None = None) -> dict:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": dict(labels or {})}}
 
 
+
+def fresh_namespace(cluster: Cluster, name: str, labels: dict | None = None) -> str:
+    """Delete ``name`` if an earlier run left it, create it, and wait until its default
+    ServiceAccount exists (pods created before it are refused)."""
+    cluster.kubectl("delete", "namespace", "--ignore-not-found", name, timeout=300)
+    cluster.apply([namespace(name, labels)])
+    wait_for(f"ServiceAccount default in {name}",
+             lambda: cluster.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0, 60)
+    return name
+
 def workload_pod_spec(ports: Iterable[tuple[int, str]] = ((80, "TCP"), (80, "UDP"), (81, "TCP"), (81, "UDP")),
                       node: str | None = None, spread: str | None = None) -> dict:
     """The workload container serving ``ports`` with upstream's port names (serve-80-tcp...)."""

@@ -20,10 +20,7 @@ NS = "cl-pods"
 
 @pytest.fixture(scope="module")
 def ns(cluster):
-    cluster.kubectl("delete", "namespace", "--ignore-not-found", NS, timeout=300)
-    cluster.apply([H.namespace(NS)])
-    H.wait_for(f"ServiceAccount default in {NS}",
-               lambda: cluster.kubectl("get", "sa", "default", "-n", NS, check=False).returncode == 0, 60)
+    H.fresh_namespace(cluster, NS)
     yield NS
     cluster.kubectl("delete", "namespace", "--wait=false", NS, check=False)
 

@@ -41,10 +41,7 @@ def _pair_targets(servers: list[H.Pod]) -> list[H.Target]:
 
 @pytest.fixture(scope="module")
 def env(cluster):
-    cluster.kubectl("delete", "namespace", "--ignore-not-found", NS, timeout=300)
-    cluster.apply([H.namespace(NS)])
-    H.wait_for(f"ServiceAccount default in {NS}",
-               lambda: cluster.kubectl("get", "sa", "default", "-n", NS, check=False).returncode == 0, 60)
+    H.fresh_namespace(cluster, NS)
     cluster.apply([_policy()])  # before any pod: the servers are isolated from their start
     deps = []
     for node in cluster.nodes:

@@ -21,10 +21,7 @@ TIMEOUT = 45
 
 @pytest.fixture(scope="module")
 def env(cluster):
-    cluster.kubectl("delete", "namespace", "--ignore-not-found", NS, timeout=300)
-    cluster.apply([H.namespace(NS, {"name": NS})])
-    H.wait_for(f"ServiceAccount default in {NS}",
-               lambda: cluster.kubectl("get", "sa", "default", "-n", NS, check=False).returncode == 0, 60)
+    H.fresh_namespace(cluster, NS, {"name": NS})
     deps = [H.deployment(NS, "server", {"app": "server"}, node=cluster.nodes[0].name)]
     for node in cluster.nodes:
         for role in ("allowed", "denied"):
