@@ -32,6 +32,7 @@ Rules of the loop (felix's int_dataplane loop, Kubernetes' BoundedFrequencyRunne
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import queue
@@ -75,7 +76,9 @@ class Source(Protocol):
 
 
 class Dataplane(Protocol):
-    def apply(self, desired: DesiredState, allow_sweep: bool = ...) -> Any: ...
+    def apply(self, desired: DesiredState, allow_sweep: bool = ..., defer: bool = ...) -> Any: ...
+
+    def finish(self) -> Any: ...
 
     def refresh(self) -> Any: ...
 
@@ -219,6 +222,9 @@ class Agent:
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+        close = getattr(self.dataplane, "close", None)
+        if close is not None and (self._thread is None or not self._thread.is_alive()):
+            close()  # the long-lived restore processes; the rules stay
         if self._gc_manual and self._gc_was_enabled:
             gc.enable()  # automatic collection again for whatever else runs in this process
             self._gc_manual = False
@@ -400,15 +406,18 @@ class Agent:
             self._unapplied_since = None
             return
         t0 = self.clock()
+        held = getattr(self.dataplane, "checks_held", None)
         try:
-            if self._force_full or self._compiler is None:
-                self._compiler = self._full_compiler()
-            else:
-                self._feed(self._compiler, changes)
-            desired = self._compiler.desired()
-            t1 = self.clock()
-            self.metrics.compile_duration.observe(t1 - t0)
-            self._note_set_aside(self.dataplane.apply(desired, allow_sweep=True))
+            # A background drift check waits while an event is compiled and applied.
+            with held() if held is not None else contextlib.nullcontext():
+                if self._force_full or self._compiler is None:
+                    self._compiler = self._full_compiler()
+                else:
+                    self._feed(self._compiler, changes)
+                desired = self._compiler.desired()
+                t1 = self.clock()
+                self.metrics.compile_duration.observe(t1 - t0)
+                self._note_set_aside(self.dataplane.apply(desired, allow_sweep=True, defer=True))
         except Exception as exc:
             self._failures += 1
             backoff = min(MAX_BACKOFF, 0.1 * 2 ** (self._failures - 1))
@@ -470,6 +479,12 @@ class Agent:
         else:
             log.debug("applied", reason=reason, seconds=round(done - t0, 4), changes=changes.count(),
                       events=len(pending))
+        # Enforced and reported; now what the apply left for after its commit (stale sets).
+        try:
+            self.dataplane.finish()
+        except Exception as exc:  # a stale set is harmless: the next sweep or refresh retries it
+            self.metrics.errors.labels("finish", "").inc()
+            log.warning("dataplane_finish_failed", error=str(exc))
 
     @property
     def last_desired(self) -> DesiredState | None:

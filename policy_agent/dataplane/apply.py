@@ -441,6 +441,11 @@ class Dataplane:
         # failed (retries keep those chains), and stale sets whose destroy failed.
         self._defer_chain_deletes = False
         self._stale_sets_failed: set[str] = set()
+        self._defer_stale = False
+        self._stale_due = False  # stale sets left for finish()
+        self._idle = threading.Event()  # set: no apply running (a background check may go on)
+        self._idle.set()
+        self._holds = 0
         self._kept_logged: set[tuple] = set()  # (family, table, chain, referrers) logged once
         # Failure isolation: what the kernel refused, kept out of the writes until its
         # desired version changes or the next refresh (which retries everything).
@@ -495,6 +500,12 @@ class Dataplane:
         self._sets = ips.parse_ipset_save(texts[-1])
         self._set_sources.clear()
 
+    def close(self) -> None:
+        """End the long-lived restore processes (the kernel keeps every rule)."""
+        close = getattr(self._kernel, "close", None)
+        if close is not None:
+            close()
+
     def invalidate(self) -> None:
         self._ipt = None
         self._sets = None
@@ -504,13 +515,18 @@ class Dataplane:
 
     # --- public operations ----------------------------------------------------
 
-    def apply(self, desired: DesiredState, allow_sweep: bool = False) -> ApplyReport:
-        """Program ``desired``. ``allow_sweep``: every source is in sync, remove stale state."""
+    def apply(self, desired: DesiredState, allow_sweep: bool = False, defer: bool = False) -> ApplyReport:
+        """Program ``desired``. ``allow_sweep``: every source is in sync, remove stale state.
+        ``defer``: return at the commit and leave destroying stale sets to ``finish()``."""
         with _gc_paused():
             delta = self._check(desired)
             self._desired = desired
             self._sweep_ok = self._sweep_ok or allow_sweep
-            return self._converge(desired, self._sweep_ok, delta)
+            self._defer_stale = defer
+            try:
+                return self._converge(desired, self._sweep_ok, delta)
+            finally:
+                self._defer_stale = False
 
     def _check(self, desired: DesiredState) -> _Delta | None:
         """Validate ``desired``; against the remembered state only what changed."""
@@ -545,6 +561,10 @@ class Dataplane:
             log.debug("dataplane_refresh_clean", netns=self.netns)
         return report
 
+    def _pause_check(self) -> None:
+        # Bounded: a check under a constant stream of applies still ends.
+        self._idle.wait(CHECK_PAUSE_MAX_S)
+
     def check_start(self) -> bool:
         """Begin a drift check: read the kernel in a worker thread and compare it with
         the cache (what we wrote), while applies go on. False if a full ``refresh()`` is
@@ -557,7 +577,8 @@ class Dataplane:
             return False
         self._write_gen += 1
         threaded = getattr(self.kernel, "iptables_save_start", None) is not None
-        self._check_job = _DriftCheck(self.kernel, self.families, self._write_gen, self._sets, self._ipt, threaded)
+        self._check_job = _DriftCheck(self.kernel, self.families, self._write_gen, self._sets, self._ipt, threaded,
+                                      pause=self._pause_check)
         return True
 
     def check_poll(self) -> ApplyReport | None:
@@ -608,6 +629,7 @@ class Dataplane:
                     report.restore_calls += 1
         sets = ips.parse_ipset_save(self.kernel.ipset_save())
         if sets:
+            self._settle()
             plan = ips.plan_destroy(sets)
             self.kernel.ipset_restore(plan.restore_text())
             report.ipset_lines += len(plan.lines)
@@ -623,8 +645,23 @@ class Dataplane:
     # --- the convergence loop -------------------------------------------------
 
     def _converge(self, desired: DesiredState, sweep: bool, delta: _Delta | None) -> ApplyReport:
-        with _gc_paused():
+        with _gc_paused(), self.checks_held():
             return self._converge_gc_paused(desired, sweep, delta)
+
+    @contextlib.contextmanager
+    def checks_held(self) -> Iterator[None]:
+        """A background drift check pauses for the block (re-entrant). Its parsing is pure
+        Python: running beside an apply, it took the interpreter lock for up to the
+        switch interval (5 ms) every time the apply waited for the kernel, tens of ms an
+        event (issue 13). The agent holds checks over compile and apply."""
+        self._holds += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds:
+                self._idle.set()
 
     def _converge_gc_paused(self, desired: DesiredState, sweep: bool, delta: _Delta | None) -> ApplyReport:
         start = time.monotonic()
@@ -691,9 +728,10 @@ class Dataplane:
         # batch is streamed to one ``ipset restore`` set by set as it is planned, and
         # runs on while the iptables transactions are planned (2 cores: the planner
         # and ipset overlap); the iptables restores start only after it succeeded,
-        # unless no chain they write uses a set this batch writes (then the order
-        # cannot matter to those rules, and the event does not wait for two processes
-        # in a row: docs/decisions/event-latency-50k.md).
+        # unless the ipset batch is long and no chain they write uses a set it writes
+        # (then the order cannot matter to those rules: docs/decisions/event-latency-50k.md).
+        # A short one is waited for: a process that exits after our commit deleted rules
+        # waits in its exit for the kernel to free them (nftgen.py), 10-40 ms an event.
         feed = _IpsetFeed(self.kernel)
         try:
             plan = ips.plan_ipsets(desired.ipsets if delta is None else delta.sets, self._sets, self.maxelem,
@@ -725,7 +763,8 @@ class Dataplane:
                 text = "".join(p.restore_text() for p in plans)
                 if text:
                     todo.append((family, plans, text))
-            if ipset_job is not None and todo and not (_sets_used(desired, todo) & _sets_written(plan)):
+            if (ipset_job is not None and todo and len(plan.lines) >= OVERLAP_MIN_LINES
+                    and not (_sets_used(desired, todo) & _sets_written(plan))):
                 jobs = [_start_iptables(self.kernel, family, text) for family, _, text in todo]
         finally:
             if ipset_job is not None:
@@ -758,15 +797,23 @@ class Dataplane:
                 if self._check_job is not None:
                     self._touch(("s", n) for n in [*plan.members, *plan.changes])
 
-        # The families are independent tables: their restores run side by side.
-        if jobs is None:
-            jobs = [_start_iptables(self.kernel, family, text) for family, _, text in todo]
+        # The families are independent tables: their restore processes run side by side.
+        # Not batches fed to long-lived restores: those commit in a millisecond or two, and
+        # two commits at once make the second re-read its table (the kernel's generation
+        # changed under it), which costs more than waiting for the first.
         errors = []
         failed_families = []
+        outcome: dict[int, CommandError | None] = {}
+        if jobs is None:
+            jobs = []
+            for family, _p, text in todo:
+                job = _start_iptables(self.kernel, family, text)
+                jobs.append(job)
+                if getattr(job, "quick", False):
+                    outcome[family] = _wait(job)
         for job, (family, _p, _t) in zip(jobs, todo):
-            try:
-                job.wait()
-            except CommandError as exc:
+            exc = outcome[family] if family in outcome else _wait(job)
+            if exc is not None:
                 errors.append(exc)
                 failed_families.append(family)
         if errors:
@@ -800,23 +847,12 @@ class Dataplane:
 
         # 4. stale sets, only once nothing of ours or anyone else's references them.
         if sweep:
-            # Stale: not desired at all (``self._desired``: a set set aside is still desired).
-            wanted = self._desired.ipsets if self._desired is not None else desired.ipsets
-            stale = sorted(n for n in self._sets if n not in wanted)
-            if stale:
-                # Desired chains reference desired sets only (validated); anything else in the
-                # kernel (foreign rules, stale chains kept because something jumps to them) may not.
-                referenced = {
-                    s
-                    for (f, tables) in self._ipt.items()
-                    for tname, t in tables.items()
-                    for c in t.chains.values()
-                    if c.name not in desired.table(f, tname)
-                    for r in c.rules
-                    for s in r.ipsets
-                }
-                stale = [n for n in stale if n not in referenced and n not in self._stale_sets_failed]
-            if stale:
+            stale = self._stale_sets(desired)
+            if stale and self._defer_stale:
+                # The rules that used them are deleted but maybe not yet freed (nftgen.settle):
+                # the caller reports the commit first, then calls finish().
+                self._stale_due = True
+            elif stale:
                 self._destroy_sets(stale, report)
             # 5. once per process: our leftovers in the other backend.
             if self._sweep_other:
@@ -826,12 +862,57 @@ class Dataplane:
                 except CommandError as exc:  # not worth failing our own apply for
                     log.warning("dataplane_other_backend_cleanup_failed", netns=self.netns, error=str(exc))
 
+    def _stale_sets(self, desired: DesiredState) -> list[str]:
+        """Our sets in the kernel that nothing desired, and no rule in the kernel, uses."""
+        assert self._sets is not None and self._ipt is not None
+        # Stale: not desired at all (``self._desired``: a set set aside is still desired).
+        wanted = self._desired.ipsets if self._desired is not None else desired.ipsets
+        stale = sorted(n for n in self._sets if n not in wanted)
+        if not stale:
+            return stale
+        # Desired chains reference desired sets only (validated); anything else in the
+        # kernel (foreign rules, stale chains kept because something jumps to them) may not.
+        referenced = {
+            s
+            for (f, tables) in self._ipt.items()
+            for tname, t in tables.items()
+            for c in t.chains.values()
+            if c.name not in desired.table(f, tname)
+            for r in c.rules
+            for s in r.ipsets
+        }
+        return [n for n in stale if n not in referenced and n not in self._stale_sets_failed]
+
+    def _settle(self) -> None:
+        settle = getattr(self.kernel, "settle", None)
+        if settle is not None:
+            settle()
+
+    def finish(self) -> ApplyReport | None:
+        """What an ``apply(..., defer=True)`` left for after its commit was reported: have
+        the kernel free the rules it deleted (else the next process to close a netfilter
+        socket, such as the next event's ``ipset restore``, waits for that), and destroy
+        the sets it made stale."""
+        self._settle()
+        if not self._stale_due:
+            return None
+        self._stale_due = False
+        if self._sets is None or self._ipt is None or self._desired is None:
+            return None  # invalidated meanwhile: the next apply re-reads and sweeps
+        report = ApplyReport(backend=self.backend)
+        stale = self._stale_sets(self._effective(self._desired)[0])
+        if stale:
+            self._destroy_sets(stale, report)
+            log.info("dataplane_stale_sets_destroyed", netns=self.netns, **report.log_fields())
+        return report
+
     def _destroy_sets(self, stale: list[str], report: ApplyReport) -> None:
         """Destroy stale sets; a failure never fails the apply. Something we cannot see
         may still use a set (a rule in the other iptables backend or family, another
         program): ``ipset restore`` stops at the first such set, so the rest are tried
         one by one and the ones that fail are kept until the next refresh."""
         assert self._sets is not None
+        self._settle()  # the rules that used them are freed, not only deleted
         dplan = ips.plan_destroy(stale)
         try:
             self.kernel.ipset_restore(dplan.restore_text())
@@ -1263,6 +1344,13 @@ def _count(text: str) -> int:
     return sum(1 for ln in text.splitlines() if ln and not ln.startswith("*") and ln != "COMMIT")
 
 
+# The longest a background drift check waits for an apply to end, between two steps.
+CHECK_PAUSE_MAX_S = 1.0
+
+# An ipset batch this long runs beside the iptables restores (when independent).
+OVERLAP_MIN_LINES = 1000
+
+
 def _sets_used(desired: DesiredState, todo: list[tuple[int, list[ipt.TablePlan], str]]) -> set[str]:
     """Sets referenced by the chains these restores create or rewrite."""
     out: set[str] = set()
@@ -1305,8 +1393,10 @@ class _DriftCheck:
     Kernels without the *_start methods (the fake) are checked in the caller's thread."""
 
     def __init__(self, kernel: Kernel, families: tuple[int, ...], gen: int,
-                 sets: Mapping[str, ips.KSet], tables: Mapping[int, Mapping[str, ipt.KTable]], threaded: bool):
+                 sets: Mapping[str, ips.KSet], tables: Mapping[int, Mapping[str, ipt.KTable]], threaded: bool,
+                 pause: Callable[[], Any] = lambda: None):
         self.gen = gen
+        self._pause = pause if threaded else (lambda: None)
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.differs: set[tuple] = set()
@@ -1322,6 +1412,7 @@ class _DriftCheck:
 
     def _run(self) -> None:
         t0 = time.monotonic()
+        pause = self._pause
         try:
             k = self._kernel
             start = getattr(k, "iptables_save_start", None)
@@ -1330,12 +1421,18 @@ class _DriftCheck:
                 texts = [j.wait() for j in jobs]
             else:
                 texts = [k.iptables_save(f) for f in self._families] + [k.ipset_save()]
-            tables = {f: ipt.parse_save(text) for f, text in zip(self._families, texts)}
-            sets = ips.parse_ipset_save(texts[-1])
+            tables = {}
+            for f, text in zip(self._families, texts):
+                pause()
+                tables[f] = ipt.parse_save(text)
+            sets = ips.parse_ipset_save(texts[-1], pause=pause)
+            pause()
             chains = _chain_signatures(tables)
             self.differs = {key for key in chains.keys() | self._chains.keys()
                             if chains.get(key) != self._chains.get(key)}
-            for name in sets.keys() | self._sets.keys():
+            for i, name in enumerate(sets.keys() | self._sets.keys()):
+                if i % 16 == 0:
+                    pause()
                 a, b = sets.get(name), self._sets.get(name)
                 if a is None or b is None or (a.type, a.family, a.maxelem) != (b.type, b.family, b.maxelem) \
                         or a.members != b.members:
@@ -1387,8 +1484,15 @@ class _IpsetFeed:
         self._open = getattr(kernel, "ipset_restore_stream", None)
         self._stream: Any = None
         self._chunks: list[str] = []
+        self._settled = False
 
     def write(self, text: str) -> None:
+        if not self._settled and (text.startswith("destroy ") or "\ndestroy " in text):
+            # A set recreated (its type changed) may have lost its last rule just now.
+            self._settled = True
+            settle = getattr(self._kernel, "settle", None)
+            if settle is not None:
+                settle()
         if self._open is None:
             self._chunks.append(text)
             return
@@ -1410,6 +1514,14 @@ class _IpsetFeed:
             self._stream.close()
             return self._stream
         return _start_ipset(self._kernel, "".join(self._chunks)) if self._chunks else None
+
+
+def _wait(job: Any) -> CommandError | None:
+    try:
+        job.wait()
+    except CommandError as exc:
+        return exc
+    return None
 
 
 def _start_ipset(kernel: Kernel, text: str) -> Any:

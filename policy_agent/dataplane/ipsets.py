@@ -15,7 +15,7 @@ import re
 import socket
 from itertools import repeat
 from dataclasses import dataclass, field
-from typing import AbstractSet, Callable, Iterable, Mapping
+from typing import AbstractSet, Any, Callable, Iterable, Mapping
 
 from policy_agent.desired import IPSet
 from functools import lru_cache
@@ -96,17 +96,20 @@ def canon_member(set_type: str, text: str) -> str:
     return " ".join([elem, *flags])
 
 
-def parse_ipset_save(text: str, owned_only: bool = True) -> dict[str, KSet]:
+def parse_ipset_save(text: str, owned_only: bool = True, pause: Callable[[], Any] | None = None) -> dict[str, KSet]:
     """``ipset save`` text -> sets (ours only, unless ``owned_only`` is off).
 
     ``ipset save`` prints each set's ``create`` line followed by all of its ``add``
     lines; each such block is taken apart with whole-string operations (no Python step
     per member), which is what a drift check or a refresh pays for every member of
-    every set (issue 13). Text of any other shape goes through the line-by-line reader."""
+    every set (issue 13). Text of any other shape goes through the line-by-line reader.
+    ``pause`` is called before each block (a background check yields to applies there)."""
     if not text.startswith("create ") or "\r" in text or "\t" in text or "  " in text:
         return _parse_ipset_save_lines(text, owned_only)
     sets: dict[str, KSet] = {}
     for block in text.split("\ncreate "):
+        if pause is not None:
+            pause()
         first, _, rest = block.partition("\n")
         parts = first.split()
         if first.startswith("create "):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from policy_agent.dataplane.runner import Pending, Runner, Stream
+from policy_agent.dataplane import nftgen
+from policy_agent.dataplane.runner import Pending, RestoreSession, Runner, SessionBatch, Stream
+from policy_agent.shared.netns import in_netns
 
 BACKENDS = ("nft", "legacy")
 LEGACY_PROBE_FILE = "/proc/net/ip_tables_names"
@@ -46,10 +48,13 @@ def legacy_available() -> bool:
 
 
 class SystemKernel:
-    def __init__(self, runner: Runner, backend: str):
+    def __init__(self, runner: Runner, backend: str, sessions: bool = True):
         binary(backend, 4, "save")  # validates
         self.runner = runner
         self.backend = backend
+        self.sessions = sessions  # benches turn them off to measure what they save
+        self._sessions: dict[int, RestoreSession] = {}
+        self._unsettled = False
 
     def iptables_save(self, family: int) -> str:
         return self.runner.run([binary(self.backend, family, "save"), "-c"])
@@ -66,8 +71,33 @@ class SystemKernel:
 
     # Started, not finished: the dataplane overlaps a restore with its own planning
     # (ipsets) or with the other family's restore (v4 and v6 are separate tables).
-    def iptables_restore_start(self, family: int, text: str) -> Pending:
+    # nft, a delta: fed to the family's long-lived restore, done at its commit (nftgen.py).
+    def iptables_restore_start(self, family: int, text: str) -> Pending | SessionBatch:
+        if self.backend == "nft" and self.sessions and nftgen.wanted(text):
+            commits = nftgen.count_commits(text)
+            if commits:
+                session = self._sessions.get(family)
+                if session is None:
+                    session = self._sessions[family] = RestoreSession(self.runner, self._restore_argv(family))
+                batch = session.begin(text, commits)
+                if batch is not None:
+                    self._unsettled = True
+                    return batch
         return self.runner.start(self._restore_argv(family), input=text)
+
+    def settle(self) -> None:
+        """Make the kernel free the rules our long-lived restores deleted (nftgen.settle):
+        an ipset one of them used can be destroyed only then. A restore that exits does it."""
+        if self._unsettled:
+            self._unsettled = False
+            with in_netns(self.runner.netns):
+                nftgen.settle()
+
+    def close(self) -> None:
+        """End the long-lived restores (each also frees what it deleted as it exits)."""
+        for session in self._sessions.values():
+            session.close()
+        self._unsettled = False
 
     def ipset_restore_start(self, text: str) -> Pending:
         return self.runner.start(["ipset", "restore"], input=text)

@@ -11,7 +11,9 @@ dataplane starts processes.
 
 from __future__ import annotations
 
+import os
 import queue
+import re
 import subprocess
 import threading
 import time
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from policy_agent.dataplane import nftgen
 from policy_agent.shared.netns import in_netns
 
 log = structlog.get_logger(__name__)
@@ -193,3 +196,188 @@ class Runner:
             out, err = proc.communicate()
             return -9, out, f"timed out after {self.timeout} s; {err}"
         return proc.returncode, out, err
+
+
+class RestoreSession:
+    """One long-lived restore process (``ip[6]tables-nft-restore --noflush``) fed one
+    batch at a time. A batch is done when the kernel announces its commits (nftgen.py),
+    not when a process exits: no process start per batch, and no exit, which after a
+    batch that deleted rules waits 10-25 ms for the kernel to free them while holding the
+    commit lock the other family and the next batch need. iptables-nft checks the
+    table's generation on every commit and re-reads its cache if anyone else committed
+    in between, so a long-lived process never writes over a stale view.
+
+    The process is closed after ``idle`` seconds without a batch, when a batch fails
+    (its error is raised with line numbers counted from the batch's start, as a fresh
+    process would count them), or when announcements cannot be had (then
+    ``begin`` returns None and the caller runs a process of its own)."""
+
+    def __init__(self, runner: Runner, argv: list[str], idle: float = 10.0):
+        self.runner = runner
+        self.argv = argv
+        self.idle = idle
+        self._lock = threading.Lock()  # the process, its socket and the idle timer
+        self._proc: subprocess.Popen | None = None
+        self._sock = None
+        self._wake = (-1, -1)
+        self._err: list[str] = []
+        self._fed = 0  # lines this process has read: its messages count from its start
+        self._timer: threading.Timer | None = None
+        self._exit_thread: threading.Thread | None = None
+        self._busy = False
+        self.batches = 0  # fed to a running process (the benches count them)
+        self.processes = 0
+
+    def _start(self) -> bool:
+        with in_netns(self.runner.netns):
+            sock = nftgen.open_socket(subscribed=False)
+            if sock is None:
+                return False
+            try:
+                proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
+            except OSError:
+                sock.close()
+                return False
+        self._proc, self._sock, self._err, self._fed = proc, sock, [], 0
+        self._wake = os.pipe2(os.O_CLOEXEC)
+        self.processes += 1
+        self._exit_thread = threading.Thread(target=self._watch_exit, args=(proc, self._err, self._wake[1]),
+                                             daemon=True)
+        self._exit_thread.start()
+        return True
+
+    @staticmethod
+    def _watch_exit(proc: subprocess.Popen, err: list[str], wake_w: int) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # drained as it comes: a warning never blocks the child
+            if len(err) < 200:
+                err.append(line)
+        proc.wait()
+        try:
+            os.write(wake_w, b"x")
+        except OSError:
+            pass  # closed already: nobody waits
+
+    def _close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.close()  # EOF: it exits when done with what it has read
+            except OSError:
+                pass
+            try:
+                proc.wait(self.runner.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if self._exit_thread is not None:
+                self._exit_thread.join()  # it writes to the wake pipe: not once the pipe is closed
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        for fd in self._wake:
+            if fd >= 0:
+                os.close(fd)
+        self._wake = (-1, -1)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            if not self._busy:
+                self._close()
+
+    def _idle_close(self) -> None:
+        with self._lock:
+            if not self._busy:
+                self._close()
+
+    def begin(self, text: str, commits: int) -> SessionBatch | None:
+        """Feed ``text`` (``commits`` non-empty table blocks) and return at once; None if no
+        session can be had here. One batch at a time: ``wait()`` it before the next."""
+        # A table block whose lines change nothing in the kernel commits nothing and so is
+        # never announced: after ``patience`` the input is closed, and the exit tells.
+        with self._lock:
+            if self._busy:
+                raise RuntimeError("RestoreSession: the previous batch was not waited for")
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._proc is not None and self._proc.poll() is not None:
+                self._close()
+            if self._proc is None and not self._start():
+                return None
+            self._busy = True
+        assert self._proc is not None and self._proc.stdin is not None and self._sock is not None
+        try:
+            nftgen.subscribe(self._sock, True)
+            watch = nftgen.CommitWatch(self._sock, self._proc.pid, commits)
+        except OSError:
+            with self._lock:  # cannot listen here: the caller runs a process of its own
+                self._busy = False
+                self._close()
+            return None
+        offset = self._fed
+        try:
+            self._proc.stdin.write(text)
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # it exited: wait() reports why
+        self._fed += text.count("\n")
+        return SessionBatch(self, watch, offset, 1.0 + 0.001 * text.count("\n"))
+
+    def _end(self, batch: SessionBatch) -> None:
+        proc = self._proc
+        assert proc is not None and self._sock is not None
+        try:
+            try:
+                committed = batch.watch.wait(self._wake[0], batch.patience)
+            except OSError:
+                committed = False  # the socket failed us: the exit tells
+            try:
+                nftgen.subscribe(self._sock, False)
+            except OSError:
+                pass
+            if committed:
+                self.batches += 1
+                return
+            # Not announced: it refused the batch and exited, or announcements were lost,
+            # or it changed nothing, or it hangs. Let it finish what it read; its exit
+            # status says which.
+            self._close()
+            if proc.returncode != 0:
+                raise CommandError(self.runner.argv(self.argv), proc.returncode,
+                                   _relative_lines("".join(self._err), batch.offset))
+        finally:
+            with self._lock:
+                self._busy = False
+                if self._proc is not None and self.idle > 0:
+                    self._timer = threading.Timer(self.idle, self._idle_close)
+                    self._timer.daemon = True
+                    self._timer.start()
+
+
+class SessionBatch:
+    """One batch fed to a RestoreSession: ``wait()`` until its commits are announced."""
+
+    quick = True  # done in milliseconds: waited for before the next family's batch starts
+
+    def __init__(self, session: RestoreSession, watch: nftgen.CommitWatch, offset: int, patience: float):
+        self.session = session
+        self.watch = watch
+        self.offset = offset
+        self.patience = patience
+        self._done = False
+
+    def wait(self) -> str:
+        if not self._done:
+            self._done = True
+            self.session._end(self)
+        return ""
+
+
+def _relative_lines(err: str, offset: int) -> str:
+    """'line 1207 failed' of a long-lived process, as the batch's own line number."""
+    return re.sub(r"\bline (\d+)\b", lambda m: f"line {int(m.group(1)) - offset}", err)

@@ -192,6 +192,17 @@ def enable_forwarding(ns: str) -> None:
 
 
 @contextlib.contextmanager
+def scratch(area: str, role: str) -> Iterator[str]:
+    """A fresh namespace for the block, deleted after it, whether it failed or not."""
+    name = unique_name(area, role)
+    create(name)
+    try:
+        yield name
+    finally:
+        delete(name)
+
+
+@contextlib.contextmanager
 def in_netns(ns: str) -> Iterator[None]:
     """Move the calling thread into ``ns`` for the block; sockets made inside stay there."""
     _check_name(ns)

@@ -27,12 +27,8 @@ BOUND = 5.0  # seconds an apply may take here; each one is milliseconds with the
 
 @pytest.fixture
 def node():
-    name = netns.unique_name("h6", "lnk")
-    netns.create(name)
-    try:
+    with netns.scratch("h6", "lnk") as name:
         yield name
-    finally:
-        netns.delete(name)
 
 
 @pytest.fixture

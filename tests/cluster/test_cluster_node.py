@@ -68,12 +68,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def node_netns():
-    name = netns.unique_name("cn", "node")
-    netns.create(name)
-    try:
+    with netns.scratch("cn", "node") as name:
         yield name
-    finally:
-        netns.delete(name)
 
 
 def _spec(name: str, work: Path) -> node.NodeSpec:

@@ -41,12 +41,8 @@ def _snapshot() -> ClusterSnapshot:
 
 @pytest.fixture(params=BACKENDS)
 def node(request):
-    name = netns.unique_name("lx", "node")
-    netns.create(name)
-    try:
+    with netns.scratch("lx", "node") as name:
         yield name, request.param
-    finally:
-        netns.delete(name)
 
 
 def test_kernel_walk_equals_desired_walk_and_no_drift(node):

@@ -63,12 +63,8 @@ def _desired(*docs: str):
 
 @pytest.fixture
 def node_ns():
-    name = netns.unique_name("rev", "node")
-    netns.create(name)
-    try:
+    with netns.scratch("rev", "node") as name:
         yield name
-    finally:
-        netns.delete(name)
 
 
 @pytest.mark.kernel

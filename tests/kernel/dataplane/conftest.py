@@ -86,12 +86,8 @@ def backends() -> list:
 @pytest.fixture(params=backends())
 def bare_node(request):
     """(backend, netns): an empty node namespace, no pods."""
-    name = netns.unique_name(AREA, "bare")
-    netns.create(name)
-    try:
+    with netns.scratch(AREA, "bare") as name:
         yield request.param, name
-    finally:
-        netns.delete(name)
 
 
 @pytest.fixture(params=backends())

@@ -1,0 +1,46 @@
+"""Reading nf_tables commit announcements (NFT_MSG_NEWGEN), as the kernel lays them out."""
+
+from __future__ import annotations
+
+import struct
+
+from policy_agent.dataplane import nftgen
+
+
+def _attr(atype: int, payload: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(payload), atype) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _msg(mtype: int, portid: int, attrs: bytes) -> bytes:
+    body = b"\0\0\0\x02" + attrs  # nfgenmsg: family, version, res_id (big endian)
+    return struct.pack("=IHHII", 16 + len(body), mtype, 0, 0, portid) + body
+
+
+def _newgen(portid: int, pid: int, comm: bytes = b"iptables-nft-re\0") -> bytes:
+    return _msg(nftgen.NEWGEN_TYPE, portid,
+                _attr(1, struct.pack(">I", 7)) + _attr(2, struct.pack(">I", pid)) + _attr(3, comm))
+
+
+def test_a_newgen_names_its_socket_and_process():
+    assert nftgen.committers(_newgen(4242, 99_001)) == [(4242, 99_001)]
+
+
+def test_other_messages_and_truncation_are_skipped():
+    newrule = _msg((10 << 8) | 6, 4242, _attr(1, b"filter\0"))
+    data = newrule + _newgen(7, 8, b"x\0") + newrule
+    assert nftgen.committers(data) == [(7, 8)]
+    assert nftgen.committers(_newgen(7, 8)[:18]) == []  # a header cut short
+    assert nftgen.committers(b"") == []
+
+
+def test_a_newgen_without_the_process_attribute_still_counts_by_port():
+    assert nftgen.committers(_msg(nftgen.NEWGEN_TYPE, 31, _attr(1, struct.pack(">I", 3)))) == [(31, None)]
+
+
+def test_commits_are_counted_by_table_block_and_big_batches_are_left_to_a_process():
+    assert nftgen.count_commits("*filter\n-A x\nCOMMIT\n*raw\n-A y\nCOMMIT\n") == 2
+    # an empty block commits nothing, so nothing is announced for it
+    assert nftgen.count_commits("*filter\n-A x\nCOMMIT\n*raw\nCOMMIT\n") == 1
+    assert nftgen.wanted("*filter\n" + "-A x\n" * 100 + "COMMIT\n")
+    assert not nftgen.wanted("*filter\n" + "-A x\n" * (nftgen.MAX_LINES + 1) + "COMMIT\n")
