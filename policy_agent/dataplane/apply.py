@@ -765,7 +765,14 @@ class Dataplane:
                     todo.append((family, plans, text))
             if (ipset_job is not None and todo and len(plan.lines) >= OVERLAP_MIN_LINES
                     and not (_sets_used(desired, todo) & _sets_written(plan))):
-                jobs = [_start_iptables(self.kernel, family, text) for family, _, text in todo]
+                jobs = []
+                try:
+                    for family, _p, text in todo:
+                        jobs.append(_start_iptables(self.kernel, family, text))
+                except BaseException:
+                    for job in jobs:  # never leave a started restore unwaited
+                        _wait(job)
+                    raise
         finally:
             if ipset_job is not None:
                 try:

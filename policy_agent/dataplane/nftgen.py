@@ -12,10 +12,11 @@ So small batches go to a long-lived restore process (``runner.RestoreSession``),
 batch is done when the kernel announces its commits: each commit is announced to
 listeners of the ``NFNLGRP_NFTABLES`` group with an ``NFT_MSG_NEWGEN`` message naming
 the committing socket's port id (the process id in its pid namespace, for a socket
-bound with port 0, as libmnl does) and the process id. ``CommitWatch`` counts those of
-one process: once it has seen as many as the batch has ``COMMIT`` lines, every table of
-the batch is in the kernel. A batch the kernel refuses is aborted and announces nothing;
-the process then exits non-zero and its error is raised as before.
+bound with port 0, as libmnl does; ``socket_port`` reads the real one) and the process id.
+``CommitWatch`` counts those of one port: once it has seen as many as the batch has
+non-empty table blocks, every table of the batch is in the kernel. A batch the kernel
+refuses is aborted and announces nothing; the process then exits non-zero and its error
+is raised as before.
 
 The socket listens only while a batch of ours is in flight (a listener makes the kernel
 build a notification for every rule anybody writes: +10 % on a 20k-rule restore), and a
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import select
 import socket
 import struct
@@ -123,12 +125,41 @@ def committers(data: bytes) -> list[tuple[int, int | None]]:
     return out
 
 
-class CommitWatch:
-    """Counts one process's commit announcements on a subscribed socket, for one batch."""
+def socket_port(pid: int) -> int | None:
+    """The port id of process ``pid``'s netfilter netlink socket, from the kernel's table
+    (``/proc/<pid>/net/netlink``: its namespace's sockets, by inode); None if it has none.
 
-    def __init__(self, sock: socket.socket, pid: int, commits: int):
+    Not assumed to equal ``pid``: autobinding picks another port when the pid's is taken
+    in this namespace, e.g. by a process in another pid namespace (kube-proxy's restore in
+    its container) that has the same pid number."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        with open(f"/proc/{pid}/net/netlink") as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    for row in rows:
+        cols = row.split()
+        if len(cols) >= 10 and cols[1] == str(NETLINK_NETFILTER) and cols[-1] in inodes:
+            return int(cols[2]) & 0xFFFFFFFF
+    return None
+
+
+class CommitWatch:
+    """Counts the commit announcements of one netlink port on a subscribed socket, for one
+    batch. By port only: the process id the kernel adds is the host-wide one, which a
+    process in a container does not know for its child."""
+
+    def __init__(self, sock: socket.socket, port: int, commits: int):
         self.sock = sock
-        self.pid = pid
+        self.port = port
         self.commits = commits
         self.seen = 0
         self.lost = False  # announcements were dropped (buffer overrun): only the exit tells
@@ -146,12 +177,12 @@ class CommitWatch:
                     continue
                 raise
             if count:
-                self.seen += sum(1 for port, proc in committers(data) if self.pid in (port, proc))
+                self.seen += sum(1 for port, _proc in committers(data) if port == self.port)
 
     def wait(self, wake_fd: int, timeout: float) -> bool:
         """True once every commit was announced; False if ``wake_fd`` became readable
-        first (the process exited: its status tells), announcements were lost, or
-        ``timeout`` passed."""
+        first (the process exited: its status decides, and its port may be reused),
+        announcements were lost, or ``timeout`` passed."""
         deadline = time.monotonic() + timeout
         while True:
             self._read()
@@ -164,8 +195,7 @@ class CommitWatch:
                 return False
             ready, _w, _x = select.select([self.sock, wake_fd], [], [], left)
             if wake_fd in ready:
-                self._read()  # it may have committed, then exited, between two reads
-                return self.seen >= self.commits and not self.lost
+                return False
 
 
 def count_commits(text: str) -> int:

@@ -198,6 +198,10 @@ class Runner:
         return proc.returncode, out, err
 
 
+# How long a new restore process may take to open its netlink socket.
+PORT_WAIT_S = 1.0
+
+
 class RestoreSession:
     """One long-lived restore process (``ip[6]tables-nft-restore --noflush``) fed one
     batch at a time. A batch is done when the kernel announces its commits (nftgen.py),
@@ -224,7 +228,9 @@ class RestoreSession:
         self._fed = 0  # lines this process has read: its messages count from its start
         self._timer: threading.Timer | None = None
         self._exit_thread: threading.Thread | None = None
-        self._busy = False
+        self._port = 0
+        self._busy: SessionBatch | None = None  # the batch in flight
+        self._closing = False
         self.batches = 0  # fed to a running process (the benches count them)
         self.processes = 0
 
@@ -239,7 +245,20 @@ class RestoreSession:
             except OSError:
                 sock.close()
                 return False
-        self._proc, self._sock, self._err, self._fed = proc, sock, [], 0
+        # The port its commits are announced under: it opens its socket as it starts.
+        port = None
+        deadline = time.monotonic() + PORT_WAIT_S
+        while port is None and proc.poll() is None and time.monotonic() < deadline:
+            port = nftgen.socket_port(proc.pid)
+            if port is None:
+                time.sleep(0.002)
+        if port is None:
+            log.warning("restore_session_unavailable", argv=self.argv, reason="no netlink port found")
+            sock.close()
+            proc.kill()
+            proc.wait()
+            return False
+        self._proc, self._sock, self._err, self._fed, self._port = proc, sock, [], 0, port
         self._wake = os.pipe2(os.O_CLOEXEC)
         self.processes += 1
         self._exit_thread = threading.Thread(target=self._watch_exit, args=(proc, self._err, self._wake[1]),
@@ -286,12 +305,14 @@ class RestoreSession:
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
-            if not self._busy:
+            if self._busy is None:
                 self._close()
+            else:
+                self._closing = True  # the batch in flight ends it
 
     def _idle_close(self) -> None:
         with self._lock:
-            if not self._busy:
+            if self._busy is None:
                 self._close()
 
     def begin(self, text: str, commits: int) -> SessionBatch | None:
@@ -300,8 +321,15 @@ class RestoreSession:
         # A table block whose lines change nothing in the kernel commits nothing and so is
         # never announced: after ``patience`` the input is closed, and the exit tells.
         with self._lock:
-            if self._busy:
-                raise RuntimeError("RestoreSession: the previous batch was not waited for")
+            earlier = self._busy
+        if earlier is not None:  # a caller's bug; never leave the session stuck on it
+            log.warning("restore_batch_not_waited", argv=self.argv)
+            try:
+                earlier.wait()
+            except CommandError as exc:
+                log.warning("restore_batch_not_waited_failed", argv=self.argv, error=str(exc))
+        with self._lock:
+            self._closing = False
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -309,24 +337,28 @@ class RestoreSession:
                 self._close()
             if self._proc is None and not self._start():
                 return None
-            self._busy = True
-        assert self._proc is not None and self._proc.stdin is not None and self._sock is not None
-        try:
-            nftgen.subscribe(self._sock, True)
-            watch = nftgen.CommitWatch(self._sock, self._proc.pid, commits)
-        except OSError:
-            with self._lock:  # cannot listen here: the caller runs a process of its own
-                self._busy = False
+            proc, sock = self._proc, self._sock
+            assert proc is not None and proc.stdin is not None and sock is not None
+            try:
+                nftgen.subscribe(sock, True)
+                watch = nftgen.CommitWatch(sock, self._port, commits)
+            except OSError:  # cannot listen here: the caller runs a process of its own
                 self._close()
-            return None
-        offset = self._fed
+                return None
+            lines = text.count("\n")
+            batch = SessionBatch(self, watch, self._fed, len(self._err), 1.0 + 0.001 * lines)
+            self._busy = batch
+        # As a process of its own would be: killed if it hangs (the write blocks on a full pipe).
+        batch.killer = threading.Timer(self.runner.timeout, proc.kill)
+        batch.killer.daemon = True
+        batch.killer.start()
         try:
-            self._proc.stdin.write(text)
-            self._proc.stdin.flush()
+            proc.stdin.write(text)
+            proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
             pass  # it exited: wait() reports why
-        self._fed += text.count("\n")
-        return SessionBatch(self, watch, offset, 1.0 + 0.001 * text.count("\n"))
+        self._fed += lines
+        return batch
 
     def _end(self, batch: SessionBatch) -> None:
         proc = self._proc
@@ -349,11 +381,16 @@ class RestoreSession:
             self._close()
             if proc.returncode != 0:
                 raise CommandError(self.runner.argv(self.argv), proc.returncode,
-                                   _relative_lines("".join(self._err), batch.offset))
+                                   _relative_lines("".join(self._err[batch.err_from:]), batch.offset))
         finally:
+            if batch.killer is not None:
+                batch.killer.cancel()
             with self._lock:
-                self._busy = False
-                if self._proc is not None and self.idle > 0:
+                self._busy = None
+                if self._closing:
+                    self._closing = False
+                    self._close()
+                elif self._proc is not None and self.idle > 0:
                     self._timer = threading.Timer(self.idle, self._idle_close)
                     self._timer.daemon = True
                     self._timer.start()
@@ -364,11 +401,14 @@ class SessionBatch:
 
     quick = True  # done in milliseconds: waited for before the next family's batch starts
 
-    def __init__(self, session: RestoreSession, watch: nftgen.CommitWatch, offset: int, patience: float):
+    def __init__(self, session: RestoreSession, watch: nftgen.CommitWatch, offset: int, err_from: int,
+                 patience: float):
         self.session = session
         self.watch = watch
-        self.offset = offset
+        self.offset = offset  # lines the process had read before: its messages count from its start
+        self.err_from = err_from  # its stderr lines before this batch
         self.patience = patience
+        self.killer: threading.Timer | None = None
         self._done = False
 
     def wait(self) -> str:

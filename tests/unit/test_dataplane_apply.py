@@ -191,3 +191,19 @@ def test_ipset_metadata_change_rebuilds_by_swap():
     sets = parse_ipset_save(k.ipset_save())
     assert {x.maxelem for x in sets.values()} == {2000}
     assert not [n for n in sets if n[3] == "t"]  # temp sets gone
+
+
+def test_a_background_check_waits_while_an_event_is_applied():
+    """Dataplane.checks_held: the check's parsing never runs beside an apply (nesting counted)."""
+    import time
+
+    from policy_agent.dataplane.apply import _DriftCheck
+
+    dp = Dataplane(kernel=kernel_with_foreign())
+    dp.apply(state(ALLOW_B_TO_A))
+    with dp.checks_held():
+        with dp.checks_held():
+            check = _DriftCheck(dp.kernel, dp.families, 1, dp._sets, dp._ipt, threaded=True, pause=dp._pause_check)
+        time.sleep(0.3)
+        assert not check.done.is_set(), "the check ran while an apply held it"
+    assert check.done.wait(5) and check.error is None and not check.differs

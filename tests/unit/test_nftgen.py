@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 import struct
 
 from policy_agent.dataplane import nftgen
@@ -44,3 +47,63 @@ def test_commits_are_counted_by_table_block_and_big_batches_are_left_to_a_proces
     assert nftgen.count_commits("*filter\n-A x\nCOMMIT\n*raw\nCOMMIT\n") == 1
     assert nftgen.wanted("*filter\n" + "-A x\n" * 100 + "COMMIT\n")
     assert not nftgen.wanted("*filter\n" + "-A x\n" * (nftgen.MAX_LINES + 1) + "COMMIT\n")
+
+
+# --- CommitWatch on a datagram socket we feed ourselves
+
+
+class _Overrun:
+    """A socket whose first receive reports a buffer overrun (ENOBUFS)."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._raised = False
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def recv(self, n):
+        if not self._raised:
+            self._raised = True
+            raise OSError(errno.ENOBUFS, "overrun")
+        return self._sock.recv(n)
+
+
+def _pair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setblocking(False)
+    return a, b
+
+
+def test_only_the_batch_port_counts_and_what_came_before_does_not():
+    rx, tx = _pair()
+    r, w = os.pipe()
+    try:
+        tx.send(_newgen(700, 700))  # queued before the batch: not its commit
+        watch = nftgen.CommitWatch(rx, 700, 1)
+        tx.send(_newgen(999, 700))  # another socket, even with our process id
+        assert not watch.wait(r, 0.2) and watch.seen == 0
+        tx.send(_newgen(700, 12345))
+        assert watch.wait(r, 1.0) and watch.seen == 1
+    finally:
+        rx.close(), tx.close(), os.close(r), os.close(w)
+
+
+def test_an_exit_or_an_overrun_leaves_the_verdict_to_the_exit_status():
+    rx, tx = _pair()
+    r, w = os.pipe()
+    try:
+        watch = nftgen.CommitWatch(rx, 5, 2)
+        tx.send(_newgen(5, 5))
+        os.write(w, b"x")  # exited after one of its two commits
+        assert not watch.wait(r, 1.0)
+        lossy = nftgen.CommitWatch.__new__(nftgen.CommitWatch)
+        lossy.sock, lossy.port, lossy.commits, lossy.seen, lossy.lost = _Overrun(rx), 5, 1, 0, False
+        tx.send(_newgen(5, 5))
+        r2, w2 = os.pipe()
+        try:
+            assert not lossy.wait(r2, 1.0) and lossy.lost
+        finally:
+            os.close(r2), os.close(w2)
+    finally:
+        rx.close(), tx.close(), os.close(r), os.close(w)

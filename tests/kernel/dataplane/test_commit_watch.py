@@ -6,8 +6,9 @@ What is proved: batch after batch goes to one process and every batch's rules ar
 the kernel when ``wait()`` returns; a refused batch fails with its own line number and
 leaves the table as it was, and the next batch gets a new process; a batch of two
 tables is not done at the first commit; a write by someone else between two batches is
-not overwritten from a stale view; a batch that changes nothing ends by the exit; an
-idle session ends its process; the socket hears nothing but commit announcements; a set
+not overwritten from a stale view; a batch that changes nothing ends by the exit, and
+not by another process's commit; a killed process is replaced; an idle session ends its
+process; the socket hears nothing but commit announcements; a set
 whose last rule a batch deleted can be destroyed after ``settle``, through the dataplane.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import os
 import select
+import signal
+import threading
 import time
 
 import pytest
@@ -104,13 +107,39 @@ def test_a_write_by_someone_else_between_batches_is_not_overwritten(ns, kernel):
     assert _rules(ns) == ["-A pa-cw -j ACCEPT", "-A pa-cw -j DROP"]
 
 
-def test_a_batch_that_changes_nothing_ends_by_the_exit(ns, kernel):
+def test_a_batch_that_changes_nothing_ends_by_the_exit_not_by_anyone_elses_commit(ns, kernel):
     kernel.iptables_restore(4, "*filter\n:pa-empty - [0:0]\nCOMMIT\n")
+    kernel.iptables_restore_start(4, RESEED).wait()
+    s = _session(kernel)
+    # Someone else commits in this namespace while our batch (flushing an empty chain,
+    # which commits nothing) waits for an announcement that never comes.
+    other = threading.Timer(0.2, netns.run, args=(ns, "iptables-nft", "-A", "pa-empty", "-j", "ACCEPT"))
+    other.start()
     t0 = time.monotonic()
-    kernel.iptables_restore_start(4, "*filter\n:pa-empty - [0:0]\nCOMMIT\n").wait()  # flushing an empty chain
-    assert time.monotonic() - t0 < 10
+    kernel.iptables_restore_start(4, "*filter\n:pa-empty - [0:0]\nCOMMIT\n").wait()
+    other.join()
+    assert time.monotonic() - t0 >= 0.9, "ended by another process's commit"
+    assert s.batches == 1 and s._proc is None  # ended by closing the input; exit status 0
     kernel.iptables_restore_start(4, CHANGE).wait()
     assert _rules(ns)[-1] == "-A pa-cw -p tcp -j ACCEPT"
+    assert s.processes == 2
+
+
+def test_a_session_process_killed_between_batches_is_replaced(ns, kernel):
+    kernel.iptables_restore_start(4, RESEED).wait()
+    s = _session(kernel)
+    os.kill(s._proc.pid, signal.SIGKILL)  # our own child, by pid
+    s._proc.wait()
+    kernel.iptables_restore_start(4, CHANGE).wait()
+    assert _rules(ns) == ["-A pa-cw -p udp -j DROP", "-A pa-cw -p tcp -j ACCEPT"]
+    assert s.processes == 2
+
+
+def test_the_port_a_restore_commits_under_is_read_from_the_kernel(ns, kernel):
+    kernel.iptables_restore_start(4, RESEED).wait()
+    s = _session(kernel)
+    port = nftgen.socket_port(s._proc.pid)
+    assert port is not None and port == s._port
 
 
 def test_an_idle_session_ends_its_process(ns):
