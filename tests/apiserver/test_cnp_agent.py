@@ -140,7 +140,9 @@ def test_kernel_cnp_create_update_delete_enforced(cluster, tmp_path):
         # Delete them all: everything reachable again.
         cluster.kubectl("delete", "clusternetworkpolicy", *names)
         expect(a_b=True, c_b=True, a_node=True)
-        assert agent.status()["counts"]["cluster_policies"] == 0
+        # The three deletes are three watch events; the last one (a policy that no longer
+        # matches anything) changes no verdict, so the probes above do not wait for it.
+        wait_for(lambda: agent.status()["counts"]["cluster_policies"] == 0, 30, "every policy uncounted")
     finally:
         # Kernel state first: an API server that died must not leave namespaces behind.
         if agent is not None:
