@@ -38,13 +38,10 @@ NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
 NEWGEN_TYPE = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN
-NFTA_GEN_PROC_PID = 2
 SO_ATTACH_FILTER = 26
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP, NETLINK_DROP_MEMBERSHIP = 1, 2
 _NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, port id
-_NLA_HDR = struct.Struct("=HH")
-_NFGENMSG_LEN = 4
 
 # Classic BPF: accept a datagram whose first message is NEWGEN, drop the rest. The kernel
 # sends NEWGEN in a datagram of its own; rule and chain notifications are batched in others.
@@ -102,25 +99,16 @@ def settle() -> None:
         sock.close()
 
 
-def committers(data: bytes) -> list[tuple[int, int | None]]:
-    """(port id, process id) of each NEWGEN message in one datagram."""
-    out: list[tuple[int, int | None]] = []
+def committing_ports(data: bytes) -> list[int]:
+    """The port id of each NEWGEN message in one datagram (the committing sockets)."""
+    out: list[int] = []
     off = 0
     while off + _NLMSG_HDR.size <= len(data):
         length, mtype, _flags, _seq, portid = _NLMSG_HDR.unpack_from(data, off)
         if length < _NLMSG_HDR.size or off + length > len(data):
             break  # malformed or cut short: the kernel sends neither
         if mtype == NEWGEN_TYPE:
-            pid = None
-            a, end = off + _NLMSG_HDR.size + _NFGENMSG_LEN, off + length
-            while a + _NLA_HDR.size <= end:
-                alen, atype = _NLA_HDR.unpack_from(data, a)
-                if alen < _NLA_HDR.size:
-                    break
-                if atype & 0x3FFF == NFTA_GEN_PROC_PID and alen >= 8:
-                    pid = struct.unpack_from(">I", data, a + 4)[0]
-                a += (alen + 3) & ~3
-            out.append((portid, pid))
+            out.append(portid)
         off += (length + 3) & ~3
     return out
 
@@ -177,7 +165,7 @@ class CommitWatch:
                     continue
                 raise
             if count:
-                self.seen += sum(1 for port, _proc in committers(data) if port == self.port)
+                self.seen += committing_ports(data).count(self.port)
 
     def wait(self, wake_fd: int, timeout: float) -> bool:
         """True once every commit was announced; False if ``wake_fd`` became readable

@@ -25,20 +25,20 @@ def _newgen(portid: int, pid: int, comm: bytes = b"iptables-nft-re\0") -> bytes:
                 _attr(1, struct.pack(">I", 7)) + _attr(2, struct.pack(">I", pid)) + _attr(3, comm))
 
 
-def test_a_newgen_names_its_socket_and_process():
-    assert nftgen.committers(_newgen(4242, 99_001)) == [(4242, 99_001)]
+def test_a_newgen_names_its_socket():
+    assert nftgen.committing_ports(_newgen(4242, 99_001)) == [4242]
 
 
 def test_other_messages_and_truncation_are_skipped():
     newrule = _msg((10 << 8) | 6, 4242, _attr(1, b"filter\0"))
     data = newrule + _newgen(7, 8, b"x\0") + newrule
-    assert nftgen.committers(data) == [(7, 8)]
-    assert nftgen.committers(_newgen(7, 8)[:18]) == []  # a header cut short
-    assert nftgen.committers(b"") == []
+    assert nftgen.committing_ports(data) == [7]
+    assert nftgen.committing_ports(_newgen(7, 8)[:18]) == []  # a message cut short
+    assert nftgen.committing_ports(b"") == []
 
 
 def test_a_newgen_without_the_process_attribute_still_counts_by_port():
-    assert nftgen.committers(_msg(nftgen.NEWGEN_TYPE, 31, _attr(1, struct.pack(">I", 3)))) == [(31, None)]
+    assert nftgen.committing_ports(_msg(nftgen.NEWGEN_TYPE, 31, _attr(1, struct.pack(">I", 3)))) == [31]
 
 
 def test_commits_are_counted_by_table_block_and_big_batches_are_left_to_a_process():

@@ -170,7 +170,7 @@ def test_the_socket_hears_commit_announcements_only(ns):
         while select.select([sock], [], [], 0.2)[0]:
             grams.append(sock.recv(65536))
         # 300 rule notifications were sent to the group; two commits were announced
-        assert [len(nftgen.committers(g)) for g in grams] == [1, 1]
+        assert [len(nftgen.committing_ports(g)) for g in grams] == [1, 1]
     finally:
         sock.close()
 
